@@ -1,0 +1,12 @@
+"""alexnet-sweeps: the d2l.ai AlexNet-on-Fashion-MNIST baseline (chapter 7.1), tracked in MLflow and
+swept with Optuna.
+
+Importing the package is cheap: torch, mlflow and optuna are imported only by the modules that need
+them, so `alexnet --help` answers at once.
+"""
+
+__version__ = "0.1.0"
+
+
+class UsageError(Exception):
+    """Bad input from the user: a config key, a file, a run id. The CLI prints it as one line and exits 2."""

@@ -1,0 +1,281 @@
+"""The training loop: the chapter's `d2l.train_ch6`, made fast and resumable.
+
+`train(cfg)` yields one `EpochRecord` per epoch and knows nothing of MLflow or Optuna: tracking logs
+the records, the sweep reports them to its pruner, and both call this same function.
+
+What mirrors `train_ch6`: Xavier-uniform conv/linear weights, plain SGD(lr), cross-entropy; per epoch
+the running train loss and accuracy (train mode), test accuracy (eval mode, no grad) and examples/s
+counted over step time only, as the book's timer does. Added: examples/s end to end (data and
+evaluation included), epoch seconds, best-so-far test accuracy, and the full training state for
+checkpoints. With one seed on one device, two runs give identical metrics, and a run resumed from a
+checkpoint continues exactly where it stopped (shuffling depends on (seed, epoch); the RNG state that
+drives dropout is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from alexnet import data
+from alexnet.config import Config
+from alexnet.model import alexnet, init_weights
+
+REFRESH_STEPS = 25  # read the running loss back every this many steps: progress bar and divergence check
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    best_test_acc: float
+    best_epoch: int
+    examples_per_sec: float       # the book's count: training examples / summed step time
+    wall_examples_per_sec: float  # training examples / the whole epoch, data and evaluation included
+    epoch_seconds: float
+    compile_seconds: float = 0.0  # one-time torch.compile warm-up, reported with the first epoch
+    # The training state after this epoch (model, optimizer, epoch, RNG, config). Its tensors are the
+    # live ones: copy them before the next epoch starts if they must outlive it.
+    state: Callable[[], dict] = field(default=None, repr=False, compare=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Namespaced metric names, as logged to MLflow."""
+        return {
+            "train/loss": self.train_loss,
+            "train/acc": self.train_acc,
+            "test/acc": self.test_acc,
+            "test/best_acc": self.best_test_acc,
+            "perf/examples_per_sec": self.examples_per_sec,
+            "perf/wall_examples_per_sec": self.wall_examples_per_sec,
+            "perf/epoch_seconds": self.epoch_seconds,
+        }
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"training loss became {loss} at epoch {epoch}, step {step} (learning rate too high?)")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """bf16 autocast where it pays (CUDA with bf16, fast pipeline); fp32, the chapter's, elsewhere."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    fast_cuda = cfg.pipeline == "fast" and device.type == "cuda"
+    return "bf16" if fast_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class StepTimer:
+    """Sums step times like the book's `d2l.Timer`, without a host sync per step on CUDA (events)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs, self.seconds, self._t = [], 0.0, 0.0
+
+    def start(self):
+        if self.cuda:
+            self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.pairs[-1][0].record()
+        else:
+            self._t = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.pairs[-1][1].record()
+        else:
+            self.seconds += time.perf_counter() - self._t
+
+    def total(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
+        return self.seconds
+
+
+def train_one_epoch(model, optimizer, batches, *, epoch, device, amp_dtype, sync_each_step, bar):
+    """One pass; returns (mean loss, accuracy, examples, step seconds). Loss and correct counts are
+    accumulated on the device; `sync_each_step` reads them back every step as the book does."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, timer = 0, StepTimer(device)
+    for step, (x, y) in enumerate(batches, 1):
+        timer.start()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            y_hat = model(x)
+            loss = F.cross_entropy(y_hat, y)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss.detach().float() * len(y)
+            correct += (y_hat.argmax(1) == y).sum()
+            if sync_each_step:  # the book's Accumulator calls float()/.item() on every step
+                loss_sum.item()
+        seen += len(y)
+        timer.stop()
+        bar.update(1)
+        if step % REFRESH_STEPS == 0:
+            mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise Diverged(epoch, step, mean_loss)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", refresh=False)
+    mean_loss = loss_sum.item() / seen
+    if not math.isfinite(mean_loss):
+        raise Diverged(epoch, step, mean_loss)
+    return mean_loss, correct.item() / seen, seen, timer.total()
+
+
+@torch.no_grad()
+def evaluate(model, batches, *, device, amp_dtype) -> float:
+    """Test accuracy in eval mode (dropout off), as `d2l.evaluate_accuracy_gpu`."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            correct += (model(x).argmax(1) == y).sum()
+        seen += len(y)
+    return correct.item() / seen
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compile_warmup(compiled, model, shapes, device, amp_dtype) -> float:
+    """Compile every shape the run will see before the clock starts; RNG and weights untouched."""
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for mode, batch in shapes:
+            model.train(mode == "train")
+            x = torch.zeros(batch, *shapes.input_shape, device=device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = compiled(x)
+            if mode == "train":
+                out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iterator[EpochRecord]:
+    """Train `cfg`, yielding an EpochRecord after each epoch. `start` is a checkpoint's state (from
+    `EpochRecord.state()`) to resume from: training continues at the epoch after it."""
+    # --- Setup ---
+    device = resolve_device(cfg)
+    amp_dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else None
+    fast, cuda = cfg.pipeline == "fast", device.type == "cuda"
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.manual_seed(cfg.seed)
+
+    # --- Model (built and initialised on the CPU, so the initial weights do not depend on the device) ---
+    model = alexnet(cfg.dropout, cfg.resize)
+    init_weights(model)
+    model.to(device)
+    channels_last = fast and cuda and cfg.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=True if (fast and cuda and cfg.fused_sgd) else None)
+    first_epoch, best_acc, best_epoch = 1, 0.0, 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        first_epoch, best_acc, best_epoch = start["epoch"] + 1, start["best_test_acc"], start["best_epoch"]
+        torch.set_rng_state(start["rng"]["torch"])
+        if cuda and start["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(start["rng"]["cuda"])
+
+    # --- Data ---
+    if fast:
+        train_data = data.DeviceData(data.load(cfg.data_dir, train=True), cfg.train_limit, device)
+        test_data = data.DeviceData(data.load(cfg.data_dir, train=False), cfg.test_limit, device)
+        n_train, n_test, eval_batch = len(train_data), len(test_data), cfg.eval_batch_size
+
+        def train_batches(epoch):
+            return train_data.batches(cfg.batch_size, cfg.resize, data.epoch_generator(cfg.seed, epoch), channels_last)
+
+        def test_batches():
+            return test_data.batches(eval_batch, cfg.resize, None, channels_last)
+    else:
+        transform = data.book_transform(cfg.resize)
+        train_set = data.load(cfg.data_dir, train=True, transform=transform)
+        test_set = data.load(cfg.data_dir, train=False, transform=transform)
+        n_train = len(data.balanced_subset(train_set.targets, cfg.train_limit))
+        n_test, eval_batch = len(data.balanced_subset(test_set.targets, cfg.test_limit)), cfg.batch_size
+
+        def train_batches(epoch):
+            return data.book_loader(train_set, cfg.train_limit, cfg.batch_size,
+                                    data.epoch_generator(cfg.seed, epoch), cfg.num_workers)
+
+        def test_batches():
+            return data.book_loader(test_set, cfg.test_limit, cfg.batch_size, None, cfg.num_workers)
+
+    # --- Optional compilation, timed apart ---
+    forward, compile_seconds = model, 0.0
+    if cfg.compile:
+        forward = torch.compile(model, dynamic=False)
+        shapes = _Shapes((1, cfg.resize, cfg.resize), [("train", cfg.batch_size), ("train", n_train % cfg.batch_size),
+                                                        ("eval", eval_batch), ("eval", n_test % eval_batch)])
+        compile_seconds = _compile_warmup(forward, model, shapes, device, amp_dtype)
+
+    # --- Training ---
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    bar = tqdm(total=(cfg.epochs - first_epoch + 1) * steps_per_epoch, unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+            t0 = time.perf_counter()
+            loss, train_acc, seen, step_seconds = train_one_epoch(
+                forward, optimizer, train_batches(epoch), epoch=epoch, device=device, amp_dtype=amp_dtype,
+                sync_each_step=not fast, bar=bar)
+            test_acc = evaluate(forward, test_batches(), device=device, amp_dtype=amp_dtype)
+            epoch_seconds = time.perf_counter() - t0
+            if test_acc > best_acc:
+                best_acc, best_epoch = test_acc, epoch
+
+            def state(epoch=epoch, best_acc=best_acc, best_epoch=best_epoch):
+                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "best_test_acc": best_acc, "best_epoch": best_epoch,
+                        "rng": {"torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+                        "config": asdict(cfg)}
+
+            yield EpochRecord(epoch, loss, train_acc, test_acc, best_acc, best_epoch,
+                              examples_per_sec=seen / step_seconds, wall_examples_per_sec=seen / epoch_seconds,
+                              epoch_seconds=epoch_seconds,
+                              compile_seconds=compile_seconds if epoch == first_epoch else 0.0, state=state)
+    finally:
+        bar.close()
+
+
+class _Shapes(list):
+    """(mode, batch) pairs to compile, skipping empty remainders, plus the per-example input shape."""
+
+    def __init__(self, input_shape, pairs):
+        super().__init__((m, b) for m, b in dict.fromkeys(pairs) if b > 0)
+        self.input_shape = input_shape
