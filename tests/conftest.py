@@ -1,0 +1,22 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A throw-away project home: MLflow and Optuna stores go to tmp_path/mlruns, never the repo's."""
+    monkeypatch.setenv("ALEXNET_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def run_cli(*args, env=None, timeout=600):
+    """`python -m alexnet ARGS` in a subprocess, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
