@@ -1,0 +1,251 @@
+"""Checkpoints: the training state (model, optimizer, epoch, RNG, config) as run artifacts
+`checkpoints/last.pt` and `checkpoints/best.pt`, written without stalling training and read back
+without trusting them.
+
+File format: one header line `ALEXNET-CHECKPOINT 1 sha256=<64 hex>\n`, then the bytes `torch.save`
+wrote. The checksum covers those bytes and lives in the same file, so a kill at any moment leaves
+either the old checkpoint or the new one, never a file and a checksum that disagree. Every file is
+written to a temporary name and renamed into place. `load()` checks the checksum, then calls
+`torch.load(..., weights_only=True)`, which rebuilds tensors and plain containers only and never runs
+pickled code.
+
+Cost: `snapshot()` copies the state's tensors on their own device when called (a memcpy; on a GPU an
+asynchronous device-to-device copy), then a background thread moves the copy to the host, serializes,
+hashes and publishes it while the next epoch trains. Only what changed is written: `last.pt` every
+epoch, `best.pt` when test accuracy improved (from the same bytes when both change at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from alexnet import UsageError
+
+MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
+HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline
+FOLDER = "checkpoints"  # artifact folder of the run
+
+
+def _map(fn, tree):
+    """Apply `fn` to every tensor in nested dicts/lists/tuples, copying the containers."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return tree
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def snapshot(state: dict) -> dict:
+    """A private copy of `state`, made now: the next epoch changes the live tensors in place."""
+    return _map(lambda t: t.detach().clone(), state)
+
+
+def to_host(tree: dict, ready: torch.cuda.Event | None = None) -> dict:
+    """`tree` with every tensor on the CPU. CUDA copies run on a side stream once `ready` (recorded
+    after the snapshot's copies) has passed, so they overlap the next epoch's kernels."""
+    cuda = next((t.device for t in _tensors(tree) if t.device.type == "cuda"), None)
+    if cuda is None:
+        return tree
+    stream = torch.cuda.Stream(cuda)
+    if ready is not None:
+        stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        return _map(lambda t: t.to("cpu"), tree)  # blocking copies: done when this returns
+
+
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through it (one pass over the bytes)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data):
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def flush(self):
+        self.fh.flush()
+
+
+def save(state: dict, path: str | Path) -> str:
+    """Write `state` (CPU tensors) to `path` atomically; return its sha256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(b"\0" * HEADER_BYTES)  # the header is filled in once the digest is known
+            hashing = _Hashing(fh)
+            torch.save(state, hashing)
+            digest = hashing.sha.hexdigest()
+            fh.seek(0)
+            fh.write(MAGIC + digest.encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load(path: str | Path, what: str = "") -> dict:
+    """Read a checkpoint, refusing it (UsageError) unless its checksum matches."""
+    path = Path(path)
+    what = what or str(path)
+    data = path.read_bytes()
+    header, payload = data[:HEADER_BYTES], memoryview(data)[HEADER_BYTES:]
+    if not header.startswith(MAGIC) or not header.endswith(b"\n"):
+        raise UsageError(f"checkpoint {what} is not an alexnet checkpoint (no checksum header): refusing to load it")
+    expected = header[len(MAGIC):-1].decode("ascii", "replace")
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise UsageError(f"checkpoint {what} is damaged (sha256 {actual[:12]}..., expected {expected[:12]}...): "
+                         f"refusing to load it")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+# --- Publishing into a run's artifacts -------------------------------------------------------------
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a `file://` artifact URI (the local store), else None (a server, a bucket)."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def publish(state: dict, names: list[str], run_id: str, artifact_uri: str) -> None:
+    """Write `state` once as `checkpoints/<name>.pt` for each name. On the local store the files
+    are renamed into the run's artifact folder; elsewhere they are uploaded from a temp folder."""
+    folder = local_artifact_dir(artifact_uri)
+    if folder is not None:
+        folder = folder / FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        first = folder / f"{names[0]}.pt"
+        save(state, first)
+        for name in names[1:]:  # same bytes, a second atomic file
+            tmp = folder / f".{name}.pt.{os.getpid()}.tmp"
+            shutil.copyfile(first, tmp)
+            os.replace(tmp, folder / f"{name}.pt")
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+        first = Path(tmp) / f"{names[0]}.pt"
+        save(state, first)
+        for name in names:
+            if name != names[0]:
+                shutil.copyfile(first, Path(tmp) / f"{name}.pt")
+            client.log_artifact(run_id, str(Path(tmp) / f"{name}.pt"), FOLDER)
+
+
+def fetch(run_id: str, name: str) -> dict | None:
+    """Load the run's `checkpoints/<name>.pt` (checksum checked), or None if it has none."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    what = f"{FOLDER}/{name}.pt of run {run_id}"
+    folder = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if folder is not None:  # the local store: read it in place, no copy
+        path = folder / FOLDER / f"{name}.pt"
+        return load(path, what) if path.is_file() else None
+    listed = {Path(f.path).name for f in client.list_artifacts(run_id, FOLDER)}
+    if f"{name}.pt" not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/{name}.pt", dst_path=tmp)
+        return load(path, what)
+
+
+class Writer:
+    """One background thread that publishes checkpoints while training goes on.
+
+    `submit(names, state)` snapshots the state at once and returns that snapshot; the thread writes
+    it later. If the thread is still busy, a newer state for the same name replaces the waiting one
+    (only the newest `last` matters). An error in the thread is raised by the next `submit` or by
+    `close`, so a full disk is never silent."""
+
+    def __init__(self, run_id: str, artifact_uri: str):
+        self.run_id, self.artifact_uri = run_id, artifact_uri
+        self.pending: dict[str, tuple] = {}  # name -> (snapshot, ready event)
+        self.error: BaseException | None = None
+        self.closing = False
+        self.cond = threading.Condition()
+        folder = local_artifact_dir(artifact_uri)
+        for tmp in (folder / FOLDER).glob(".*.tmp") if folder else ():
+            tmp.unlink(missing_ok=True)  # left by a writer killed mid-write (one writer per run: resume checks)
+        self.thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, names: list[str], state: dict) -> dict:
+        self._raise()
+        snap = snapshot(state)
+        ready = None
+        if any(t.is_cuda for t in _tensors(snap)):
+            ready = torch.cuda.Event()
+            ready.record()
+        with self.cond:
+            for name in names:
+                self.pending[name] = (snap, ready)
+            self.cond.notify()
+        return snap
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.pending and not self.closing:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                work, self.pending = self.pending, {}
+            try:
+                # Names that share one snapshot are written from one serialization.
+                groups: dict[int, list[str]] = {}
+                for name, (snap, _) in work.items():
+                    groups.setdefault(id(snap), []).append(name)
+                for names in groups.values():
+                    snap, ready = work[names[0]]
+                    publish(to_host(snap, ready), names, self.run_id, self.artifact_uri)
+            except BaseException as e:  # kept for the training thread to raise
+                self.error = e
+                return
+
+    def _raise(self):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    def close(self, wait: bool = True):
+        """Write what is waiting (unless `wait` is False: Ctrl-C), stop the thread, raise its error."""
+        with self.cond:
+            if not wait:
+                self.pending.clear()
+            self.closing = True
+            self.cond.notify()
+        self.thread.join()
+        self._raise()

@@ -1,0 +1,174 @@
+"""Compare runs from the command line: a leaderboard from `mlflow.search_runs` (pandas), stale-run
+detection, and the learning curves of several runs in one figure.
+
+`alexnet runs` ranks by `test/best_acc`, the best-so-far test accuracy each run logs every epoch:
+`search_runs` reports a metric's last value, so a best-so-far metric is what makes its last value the
+one to rank by.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alexnet import UsageError
+
+# Leaderboard column -> search_runs column. Params arrive as strings; they are made numbers below.
+COLUMNS = {
+    "run": "tags.mlflow.runName",
+    "status": "status",
+    "lr": "params.lr",
+    "dropout": "params.dropout",
+    "resize": "params.resize",
+    "epochs": "params.epochs",
+    "best_acc": "metrics.test/best_acc",
+    "final_acc": "metrics.test/acc",
+    "examples_per_sec": "metrics.perf/examples_per_sec",
+}
+NUMERIC = ["lr", "dropout", "resize", "epochs", "best_acc", "final_acc", "examples_per_sec", "duration_s"]
+CURVES = {"train/loss": "loss", "train/acc": "train acc", "test/acc": "test acc"}
+
+
+def _quoted(value: str, what: str) -> str:
+    if "'" in value:
+        raise UsageError(f"runs: {what} {value!r} contains a quote: pick a name without one")
+    return f"'{value}'"
+
+
+def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
+    """The raw `search_runs` DataFrame of the selected runs (all experiments when a sweep or a parent
+    run is named without an experiment: the sweep's runs live wherever its base experiment does)."""
+    import mlflow
+    import pandas as pd
+
+    from alexnet import tracking
+
+    client = mlflow.MlflowClient()
+    filters = []
+    if sweep:
+        filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
+    if parent:
+        filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
+    defaulted = experiment is None and not (sweep or parent)
+    if defaulted:
+        experiment = tracking.DEFAULT_EXPERIMENT
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None and defaulted:
+            return pd.DataFrame()  # a fresh store: no runs yet
+        if exp is None:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none yet"
+            raise UsageError(f"runs: no experiment {experiment!r} in {tracking.redact(tracking.tracking_uri())} (known: {known})")
+        kwargs = {"experiment_ids": [exp.experiment_id]}
+    else:
+        kwargs = {"search_all_experiments": True}
+    df = mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
+    if sweep and "tags.sweep.role" in df:
+        df = df[df["tags.sweep.role"] != "parent"]  # the study's parent run holds no training of its own
+    return df if len(df) else pd.DataFrame()
+
+
+def leaderboard(experiment: str | None = None, sweep: str | None = None, parent: str | None = None,
+                status: str | None = None, sort: str = "best_acc", reverse: bool = False,
+                limit: int | None = None):
+    """One row per run: name, status (STALE for a RUNNING run whose process is gone), lr, dropout,
+    resize, epochs, best and final test accuracy, examples/s (the book's count, last epoch),
+    duration, run id; best first."""
+    import pandas as pd
+
+    from alexnet import tracking
+
+    raw = search(experiment, sweep, parent)
+    columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id"]
+    if sort not in columns:
+        raise UsageError(f"runs: cannot sort by {sort!r} (columns: {', '.join(columns)})")
+    if raw.empty:
+        return pd.DataFrame(columns=columns)
+    board = pd.DataFrame({name: raw[col] if col in raw else None for name, col in COLUMNS.items()})
+    if sweep:
+        board["trial"] = pd.to_numeric(raw.get("tags.sweep.trial"), errors="coerce").astype("Int64")
+    start = pd.to_datetime(raw["start_time"], utc=True)
+    end = pd.to_datetime(raw.get("end_time", pd.Series(pd.NaT, index=raw.index)), utc=True)
+    end = end.where(raw["status"] != "RUNNING", pd.Timestamp.now(tz="UTC"))  # running: so far
+    board["duration_s"] = (end - start).dt.total_seconds().round(1)
+    tags = raw[[c for c in raw if c.startswith("tags.")]].rename(columns=lambda c: c[5:])
+    board["stale"] = [tracking.stale_reason(s, {k: v for k, v in t.items() if isinstance(v, str)}) or ""
+                      for s, t in zip(raw["status"], tags.to_dict("records"))]
+    board.loc[board["stale"] != "", "status"] = "STALE"
+    board["run_id"] = raw["run_id"]
+    for name in NUMERIC:
+        if name in board:
+            board[name] = pd.to_numeric(board[name], errors="coerce")
+    if status:
+        board = board[board["status"] == status.upper()]
+    # Numbers best-first (accuracies, speeds), names A-Z; --reverse flips it. Missing values last.
+    descending = sort in NUMERIC and sort not in ("duration_s",)
+    board = board.sort_values(sort, ascending=(not descending) != reverse, na_position="last", kind="stable")
+    board = board.reset_index(drop=True)
+    return board.head(limit) if limit else board
+
+
+def format_table(board) -> str:
+    """The leaderboard as aligned text, for people."""
+    def duration(s):
+        if s != s:
+            return "-"
+        s = int(s)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+    shown = board.drop(columns=["stale"]).copy()
+    formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "epochs": "{:.0f}", "best_acc": "{:.4f}",
+               "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}"}
+    for name, fmt in formats.items():
+        shown[name] = [fmt.format(v) if v == v and v is not None else "-" for v in shown[name]]
+    shown["duration_s"] = [duration(v) for v in shown["duration_s"]]
+    shown = shown.rename(columns={"duration_s": "duration", "examples_per_sec": "examples/s"})
+    return shown.to_string(index=False)
+
+
+def stale_runs(board) -> list[tuple[str, str]]:
+    """(run_id, reason) of the board's stale runs."""
+    return [(r, why) for r, why in zip(board["run_id"], board["stale"]) if why]
+
+
+def history(run_id: str) -> dict[str, dict[int, float]]:
+    """Per-epoch values of the curve metrics, {key: {epoch: value}}: the last value logged for each
+    epoch (a resumed run logs the epochs after its checkpoint again, with the same values)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    return {key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+            for key in CURVES}
+
+
+def plot_curves(run_ids: list[str], path: str | Path, labels: list[str] | None = None) -> Path:
+    """Loss (left) and train/test accuracy (right) per epoch, one colour per run, in one PNG."""
+    import mlflow
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state, safe in a thread
+
+    if labels is None:
+        client = mlflow.MlflowClient()
+        labels = [client.get_run(r).info.run_name or r[:8] for r in run_ids]
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for i, (run_id, label) in enumerate(zip(run_ids, labels)):
+        color = f"C{i % 10}"
+        curves = history(run_id)
+        for key, ax, style in (("train/loss", ax_loss, "-"), ("train/acc", ax_acc, "--"), ("test/acc", ax_acc, "-")):
+            points = sorted(curves[key].items())
+            if points:
+                ax.plot(*zip(*points), style, color=color, marker="o", markersize=3,
+                        label=f"{label} ({CURVES[key]})" if ax is ax_acc else label)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy (dashed: train, solid: test)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,123 @@
+"""What tracking costs: the same training with and without MLflow, in one process, alternating.
+
+"Without" is the project's `train(cfg)` alone; "with" is `tracking.tracked_train(cfg)`: params, tags,
+config, per-epoch metrics, system metrics, the heartbeat, checkpoints `last.pt` every epoch and
+`best.pt` when test accuracy improved (copied at once, written by a background thread), the
+learning-curve PNG, and the best model logged with `mlflow.pytorch.log_model` at the end. The runs go
+to a temporary local store (SQLite + files), deleted afterwards unless --keep.
+
+One untimed warm-up of each comes first (imports, the data cache, torch.export's first call); then
+--rounds rounds, each running both, in alternating order so drift in the machine's speed hits both
+alike. Printed: each timing, the ratio tracked/plain of the summed wall times (the issue's target:
+<= 1.03), and where the difference goes: training itself (summed epoch times: the background writer
+competes for the same cores on a CPU) and the per-run fixed costs (run set-up, curves, model logging).
+
+  python benchmarks/tracking_overhead.py                                   # CPU-sized (see DEFAULT)
+  python benchmarks/tracking_overhead.py --set resize=224 --set train_limit=0 --set test_limit=0 \
+      --set epochs=10 --set batch_size=128 --rounds 2                      # the chapter's baseline, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a plain checkout, installed or not
+
+# Small enough for 2 CPU cores (about a minute a run), big enough that epochs dominate.
+DEFAULT = ["resize=67", "lr=0.05", "epochs=3", "train_limit=2048", "test_limit=500", "batch_size=64"]
+
+
+def run_plain(cfg):
+    from alexnet.train import train
+
+    t0 = time.perf_counter()
+    records = list(train(cfg, progress=False))
+    return time.perf_counter() - t0, records
+
+
+def run_tracked(cfg):
+    from alexnet import tracking
+
+    t0 = time.perf_counter()
+    run = tracking.tracked_train(cfg, progress=False)
+    return time.perf_counter() - t0, run.records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field (defaults here: {' '.join(DEFAULT)})")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds, each running both (default: 2)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    home = Path(tempfile.mkdtemp(prefix="alexnet-tracking-bench-"))
+    os.environ["ALEXNET_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the local store: SQLite + artifact files
+
+    from alexnet import UsageError, tracking
+    from alexnet.config import load_config
+    from alexnet.train import resolve_device
+
+    try:
+        cfg = load_config(None, DEFAULT + args.sets)
+    except UsageError as e:
+        print(f"tracking_overhead: error: {e}", file=sys.stderr)
+        return 2
+    device = resolve_device(cfg)
+    print(f"device {device}; resize {cfg.resize}, {cfg.train_limit or 60000} training images, "
+          f"{cfg.test_limit or 10000} test images, batch {cfg.batch_size}, {cfg.epochs} epochs; "
+          f"{args.rounds} rounds; store {tracking.tracking_uri()}", flush=True)
+    try:
+        warm = load_config(None, DEFAULT + args.sets + ["epochs=1"])
+        t_plain, _ = run_plain(warm)
+        t_tracked, _ = run_tracked(warm)
+        print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
+
+        rows = []
+        for i in range(args.rounds):
+            order = [("plain", run_plain), ("tracked", run_tracked)]
+            for kind, fn in order if i % 2 == 0 else order[::-1]:
+                seconds, records = fn(cfg)
+                epochs = sum(r.epoch_seconds for r in records)
+                rows.append({"round": i + 1, "kind": kind, "seconds": seconds, "epoch_seconds": epochs,
+                             "test_acc": records[-1].test_acc})
+                print(f"round {i + 1} {kind:>7}: {seconds:7.2f} s wall, {epochs:7.2f} s in epochs, "
+                      f"test acc {records[-1].test_acc:.3f}", flush=True)
+
+        total = {k: sum(r["seconds"] for r in rows if r["kind"] == k) for k in ("plain", "tracked")}
+        in_epochs = {k: sum(r["epoch_seconds"] for r in rows if r["kind"] == k) for k in ("plain", "tracked")}
+        outside = {k: total[k] - in_epochs[k] for k in total}
+        ratio = total["tracked"] / total["plain"]
+        per_run = (outside["tracked"] - outside["plain"]) / args.rounds
+        ckpt = sum(f.stat().st_size for f in home.glob("mlruns/artifacts/*/artifacts/checkpoints/last.pt")) \
+            / max(1, len(list(home.glob("mlruns/artifacts/*/artifacts/checkpoints/last.pt"))))
+        print(f"\ntracked / plain wall time: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target <= +3%)")
+        print(f"  training itself (sum of epoch times): {in_epochs['tracked'] / in_epochs['plain']:.3f}x "
+              f"(background checkpoint writes of {ckpt / 1e6:.0f} MB share the machine)")
+        print(f"  outside the epochs, per run: +{per_run:.2f} s (run set-up, metrics, curves PNG, model logging)")
+        if args.json:
+            record = {"device": str(device), "config": asdict(cfg),
+                      "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
+                      "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt}
+            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    finally:
+        if args.keep:
+            print(f"store kept: {home}/mlruns")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

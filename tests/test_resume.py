@@ -1,0 +1,112 @@
+"""A real `alexnet train` killed with SIGKILL mid-run shows as STALE, is resumed with
+`alexnet train --resume RUN_ID` in the same MLflow run, and ends with the per-epoch metrics of an
+uninterrupted run (CPU, same seed)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from alexnet import cli, runs, tracking
+from conftest import ROOT
+
+SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
+        "eval_batch_size=100", "seed=3"]
+EXACT = ["train/loss", "train/acc", "test/acc", "test/best_acc"]  # the perf/ metrics are timings
+
+
+def history(run_id):
+    client = mlflow.MlflowClient()
+    out = {}
+    for key in EXACT:
+        for m in client.get_metric_history(run_id, key):
+            out.setdefault(key, {}).setdefault(m.step, set()).add(m.value)
+    return out
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def store(home):
+    yield home
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_up_store exports it
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(store, capsys, tmp_path):
+    home = store
+    sets = [a for s in SETS for a in ("--set", s)]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets,
+                             "--set", "run_name=killed"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Kill it once epoch 1's checkpoint is on disk: it is then inside epoch 2.
+        checkpoints = lambda: list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))  # noqa: E731
+        wait_for(lambda: checkpoints() or proc.poll() is not None, 300, "the first checkpoint")
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    run_id = checkpoints()[0].parents[2].name
+
+    tracking.set_up_store()
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "RUNNING"  # the dead process could not say otherwise
+    done_before = max(history(run_id)["test/acc"])
+    assert 1 <= done_before < 3
+
+    # `alexnet runs` shows it as STALE (RUNNING in MLflow, its process gone).
+    assert cli.main(["runs", "--json"]) == 0
+    assert '"status":"STALE"' in capsys.readouterr().out
+
+    # A damaged checkpoint is refused before anything changes.
+    [last] = checkpoints()
+    good = last.read_bytes()
+    last.write_bytes(good[:-10] + bytes(10))
+    assert cli.main(["train", "--resume", run_id]) == 2
+    assert "is damaged" in capsys.readouterr().err
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    last.write_bytes(good)
+
+    # Resume the stale run in the same MLflow run, in a new process.
+    resumed = subprocess.run([sys.executable, "-m", "alexnet", "train", "--quiet", "--resume", run_id], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    after = mlflow.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.data.tags["resumes"] == "1"
+    assert after.data.tags["resumed_from_epoch"] == str(checkpoint_epoch(good))
+
+    # The same training without interruption, in another run of the same store.
+    assert cli.main(["train", "--quiet", os.devnull, *sets, "--set", "run_name=whole"]) == 0
+    capsys.readouterr()
+    whole = runs.leaderboard(sort="run").set_index("run").loc["whole", "run_id"]
+    expected, got = history(whole), history(run_id)
+    for key in EXACT:
+        assert sorted(got[key]) == [1, 2, 3], key
+        for epoch in (1, 2, 3):
+            # Epochs after the checkpoint may be logged twice (before the kill and after the resume):
+            # every value logged for an epoch equals the uninterrupted run's.
+            assert got[key][epoch] == expected[key][epoch], (key, epoch)
+    assert mlflow.search_logged_models(experiment_ids=[after.info.experiment_id], output_format="list",
+                                       filter_string=f"source_run_id = '{run_id}'")
+
+
+def checkpoint_epoch(data: bytes) -> int:
+    import io
+
+    import torch
+
+    from alexnet.checkpoint import HEADER_BYTES
+
+    return torch.load(io.BytesIO(data[HEADER_BYTES:]), weights_only=True)["epoch"]
