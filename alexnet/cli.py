@@ -23,11 +23,23 @@ def cmd_train(args) -> int:
     from alexnet.config import load_config
     from alexnet.train import Diverged, resolve_device, resolve_precision, train
 
-    cfg = load_config(args.file, args.sets)
+    resume = getattr(args, "resume", None)
+    if resume:  # the run's own config, from its store
+        if args.file or args.sets or args.no_track:
+            raise UsageError("--resume continues a run with its own config: drop the experiment file, --set and --no-track")
+        from alexnet import tracking
+
+        if args.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+        cfg = tracking.resume_config(resume)
+    elif not args.file:
+        raise UsageError("name an experiment file (e.g. experiments/smoke.toml), or --resume RUN_ID")
+    else:
+        cfg = load_config(args.file, args.sets)
     say = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     device = resolve_device(cfg)
-    say(f"training {args.file}: {cfg.epochs} epochs, resize {cfg.resize}, lr {cfg.lr}, batch {cfg.batch_size}, "
-        f"on {device} ({cfg.pipeline} pipeline, {resolve_precision(cfg, device)})")
+    say(f"{f'resuming run {resume}' if resume else f'training {args.file}'}: {cfg.epochs} epochs, resize {cfg.resize}, "
+        f"lr {cfg.lr}, batch {cfg.batch_size}, on {device} ({cfg.pipeline} pipeline, {resolve_precision(cfg, device)})")
     try:
         if args.no_track:
             records = []
@@ -39,14 +51,16 @@ def cmd_train(args) -> int:
 
             if args.tracking_uri:
                 os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-            run = tracking.tracked_train(cfg, source=args.file, progress=not args.quiet,
-                                         on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
+            run = tracking.tracked_train(
+                cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
+                on_start=lambda run_id: say(f"mlflow run {run_id} (if it stops early: alexnet train --resume {run_id})"),
+                on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
             records = run.records
             say(f"mlflow run {run.run_id} in experiment {cfg.experiment!r} at {tracking.redact(tracking.tracking_uri())}")
     except Diverged as e:
         print(f"alexnet train: {e}", file=sys.stderr)
         return 1
-    print(summary_line(records[-1]))
+    print(summary_line(records[-1]) if records else f"run {resume}: all {cfg.epochs} epochs were already trained; now FINISHED")
     return 0
 
 
@@ -89,6 +103,74 @@ def cmd_demo(args) -> int:
     return cmd_train(args)
 
 
+def cmd_sweep(args) -> int:
+    """An Optuna study; every trial a child MLflow run under one parent run (alexnet/sweep.py)."""
+    from alexnet import sweep
+
+    spec = sweep.load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage)
+    if args.dry_run:
+        return sweep.dry_run(spec, args.workers, quiet=args.quiet)
+    result = sweep.run_sweep(spec, args.workers, quiet=args.quiet)
+    print(sweep.summary_text(spec, result))
+    if not args.quiet:
+        from alexnet import runs
+
+        print(runs.format_table(runs.leaderboard(sweep=spec.study, limit=10)))
+    if result["status"] == 130:
+        print("alexnet sweep: interrupted; run the same command again to resume", file=sys.stderr)
+    return result["status"]
+
+
+def cmd_confirm(args) -> int:
+    """Re-run the study's top configurations and its baseline with fresh seeds (alexnet/confirm.py)."""
+    from alexnet import confirm
+
+    return confirm.confirm(args.study, top=args.top, seeds=args.seeds, storage=args.storage, quiet=args.quiet)
+
+
+def cmd_runs(args) -> int:
+    """The leaderboard: one row per run, best first (alexnet/runs.py)."""
+    from alexnet import runs, tracking
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    tracking.set_up_store()
+    select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
+                  sort=args.sort, reverse=args.reverse, limit=args.limit)
+    board = runs.leaderboard(**select)
+    if args.kill_stale:
+        for run_id, why in runs.stale_runs(board):
+            tracking.mark_killed(run_id, why)
+            print(f"marked run {run_id} KILLED ({why}); resume it with: alexnet train --resume {run_id}", file=sys.stderr)
+        board = runs.leaderboard(**select)
+    if args.plot:
+        if board.empty:
+            raise UsageError("--plot: no runs selected, nothing to draw")
+        labels = [name if isinstance(name, str) and name else r[:8] for name, r in zip(board["run"], board["run_id"])]
+        print(f"wrote {runs.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
+    if args.csv:
+        board.to_csv(sys.stdout, index=False)
+    elif args.json:
+        print(board.to_json(orient="records", indent=1))
+    elif board.empty:
+        print("no runs match", file=sys.stderr)
+    else:
+        print(runs.format_table(board))
+        if (board["status"] == "STALE").any():
+            print("STALE: RUNNING in MLflow but its process is gone; `alexnet runs --kill-stale` marks them KILLED, "
+                  "`alexnet train --resume RUN_ID` continues one", file=sys.stderr)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """The MLflow UI on the project's store (alexnet/ui.py)."""
+    from alexnet import ui
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from alexnet.config import describe_fields
 
@@ -100,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment", epilog=fields_help,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train AlexNet on Fashion-MNIST with an experiment file's settings.")
-    add_config_args(p)
+    add_config_args(p, file_required=False)
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run (killed, crashed, Ctrl-C) in the same "
+                   "MLflow run from its last checkpoint, with its own config (no file, no --set)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines; print only the summary")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow (pure speed runs)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
@@ -122,6 +206,62 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Defaults, then the file, then --set overrides, checked, printed as TOML.")
     add_config_args(p, file_required=False)
     p.set_defaults(run=cmd_config)
+
+    p = sub.add_parser("sweep", help="an Optuna sweep: each trial a child MLflow run; resumable, parallel",
+                       description="Search the space of a sweep file (sweeps/*.toml). Running the same command "
+                                   "again resumes the study; more workers may join from another terminal.")
+    p.add_argument("file", help="sweep TOML file (sweeps/*.toml: base experiment, [space], trials, sampler, pruner)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix one config field for every trial (a searched field leaves the space); repeatable")
+    p.add_argument("--n-trials", type=int, metavar="N", help="trials to finish in all (overrides the file)")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-trial lines")
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("confirm", help="re-run a sweep's top configurations and the baseline with fresh seeds",
+                       description="Mean +/- std of the objective over fresh seeds for the top K trials and the "
+                                   "baseline, and whether the winner beats the baseline beyond seed noise "
+                                   "(Welch's t-test, one-sided, p < 0.05).")
+    p.add_argument("study", help="the study name (a sweep file's `study`, or its file name)")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default: 3)")
+    p.add_argument("--seeds", type=int, default=3, metavar="S", help="fresh seeds per configuration (default: 3)")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=cmd_confirm)
+
+    p = sub.add_parser("runs", help="leaderboard of MLflow runs: filter, sort, CSV/JSON, learning curves",
+                       description="One row per run, best test accuracy first: name, status, lr, dropout, resize, "
+                                   "epochs, best and final test accuracy, examples/s, duration, run id.")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: alexnet-fashion-mnist; "
+                   "all experiments with --sweep or --parent)")
+    p.add_argument("--sweep", metavar="STUDY", help="only the trials of this sweep study (tag sweep.study)")
+    p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent run")
+    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE"],
+                   help="only runs in this state (STALE: RUNNING, but its process is gone)")
+    p.add_argument("--sort", default="best_acc", metavar="COLUMN", help="column to sort by (default: best_acc, "
+                   "best first; names A-Z)")
+    p.add_argument("--reverse", action="store_true", help="reverse the sort order")
+    p.add_argument("--limit", type=int, metavar="N", help="show the first N runs only")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    out.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.add_argument("--plot", metavar="FILE", help="also draw the selected runs' learning curves in one PNG")
+    p.add_argument("--kill-stale", action="store_true", help="mark the selected STALE runs KILLED (resumable)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    p.set_defaults(run=cmd_runs)
+
+    p = sub.add_parser("ui", help="the MLflow UI on the project's runs (127.0.0.1:5000)",
+                       description="Start the MLflow UI on the project's store, wait until it answers and print "
+                                   "the URL of the experiment's runs page. Ctrl-C stops it.")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--allowed-hosts", metavar="HOSTS", help="comma-separated Host names clients may use; "
+                   "required with a --host beyond loopback (e.g. myserver:5000)")
+    p.add_argument("--experiment", default="alexnet-fashion-mnist", metavar="NAME", help="experiment whose page to print")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    p.set_defaults(run=cmd_ui)
     return parser
 
 

@@ -1,0 +1,350 @@
+"""Optuna sweeps on real data, real MLflow and Optuna stores in temp folders, real worker processes.
+
+Budget: resize 67, 256 training and 200 test images, batch 64, 1-2 epochs per trial. At epoch 1
+these configs gave (measured; CPU float noise moves them by a few images): lr 0.01 -> test acc 0.13,
+lr 0.05 -> 0.19, lr 2 -> exactly 0.10 (collapsed to one class), lr 50 -> a NaN loss. That is what
+makes the mixed sweep below complete, prune and diverge on cue; which complete trial wins is read
+from the study, not assumed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import pytest
+
+from alexnet import UsageError
+from alexnet.sweep import load_sweep
+from conftest import ROOT
+
+TINY = """
+[set]
+resize = 67
+train_limit = 256
+test_limit = 200
+batch_size = 64
+epochs = {epochs}
+"""
+
+
+def write_sweep(folder: Path, name: str, body: str, epochs: int = 2) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(body + TINY.format(epochs=epochs))
+    return path
+
+
+def env_for(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "ALEXNET_HOME": str(home)}
+
+
+def sweep_cli(home: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], cwd=ROOT, env=env_for(home),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stores(home: Path):
+    """(MlflowClient, Optuna storage URL) of a temp project home."""
+    return (mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"),
+            f"sqlite:///{home / 'mlruns' / 'optuna.db'}")
+
+
+def sweep_runs(client, study: str) -> dict:
+    """role -> runs of the study, children sorted by trial number."""
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`sweep.study` = '{study}'", max_results=1000)
+    out = {}
+    for r in runs:
+        out.setdefault(r.data.tags["sweep.role"], []).append(r)
+    out.get("trial", []).sort(key=lambda r: int(r.data.tags["sweep.trial"]))
+    return out
+
+
+def checkpoint_files(client, run) -> list:
+    return [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+
+
+# --- One mixed sweep, resumed: complete, pruned and diverged trials; retention; the parent run ---
+
+MIXED = """
+study = "mixed"
+n_trials = 4
+pruner = "median"
+pruner_startup_trials = 1
+pruner_warmup_epochs = 0
+keep_top = 1
+heartbeat_seconds = 1
+grace_seconds = 4
+
+[space]
+lr = { low = 0.001, high = 100.0, log = true }
+dropout = { low = 0.0, high = 0.8 }
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """First command: 1 trial (the baseline, lr 0.01). Then three trials are queued by hand (lr 0.05:
+    completes; lr 50: diverges; lr 2: below the median after epoch 1, pruned) and the same command, now
+    for the file's 4 trials, resumes the study."""
+    home = tmp_path_factory.mktemp("mixed")
+    path = write_sweep(home, "mixed", MIXED)
+    first = sweep_cli(home, "sweep", path, "--n-trials", 1)
+    assert first.returncode == 0, first.stderr
+    client, storage = stores(home)
+    study = optuna.load_study(study_name="mixed", storage=storage)
+    parent_after_first = study.user_attrs["mlflow_parent_run_id"]
+    for lr in (0.05, 50.0, 2.0):
+        study.enqueue_trial({"lr": lr, "dropout": 0.5})
+    second = sweep_cli(home, "sweep", path)
+    assert second.returncode == 0, second.stderr
+    return {"home": home, "path": path, "first": first, "second": second, "client": client,
+            "study": optuna.load_study(study_name="mixed", storage=storage), "parent": parent_after_first}
+
+
+def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixed):
+    study, client = mixed["study"], mixed["client"]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
+    assert [t.params["lr"] for t in trials] == [0.01, 0.05, 50.0, 2.0]
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]  # enqueued once, not again on resume
+
+    runs = sweep_runs(client, "mixed")
+    (parent,) = runs["parent"]
+    assert parent.info.run_id == mixed["parent"] == study.user_attrs["mlflow_parent_run_id"]  # reused on resume
+    assert parent.info.status == "FINISHED"
+    children = runs["trial"]
+    assert [r.data.tags["sweep.trial"] for r in children] == ["0", "1", "2", "3"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "FAILED", "KILLED"]
+    assert [t.user_attrs["mlflow_run_id"] for t in trials] == [r.info.run_id for r in children]
+    pruned = children[3]
+    assert pruned.data.tags["sweep.state"] == "PRUNED" and pruned.data.tags["sweep.pruned_epoch"] == "1"
+    assert trials[3].intermediate_values == {1: 0.1}
+    # Every trial records what a single run records.
+    for r in children:
+        assert float(r.data.params["lr"]) == trials[int(r.data.tags["sweep.trial"])].params["lr"]
+        assert "test/acc" in r.data.metrics or r.data.tags.get("failure_reason") == "diverged"
+
+    # One line per finished trial, and the resume said so.
+    lines = mixed["second"].stderr
+    assert "resuming" in lines
+    for number, state in [(1, "COMPLETE"), (2, "FAIL"), (3, "PRUNED")]:
+        assert f"trial   {number} {state}" in lines
+    assert "pruned at epoch 1" in lines and "diverged" in lines
+    assert f"best: trial {study.best_trial.number}" in mixed["second"].stdout
+
+
+def test_a_diverging_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(mixed):
+    study, client = mixed["study"], mixed["client"]
+    failed = study.trials[2]
+    assert failed.state.name == "FAIL" and failed.user_attrs["fail_reason"].startswith("diverged: training loss became nan")
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
+    assert study.trials[3].state.name == "PRUNED"  # the trial after it still ran
+
+
+def test_retention_keeps_checkpoints_and_model_of_the_top_k_trials_only(mixed):
+    study, client = mixed["study"], mixed["client"]
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: (-t.value, t.number))
+    for r in sweep_runs(client, "mixed")["trial"]:
+        kept = r.data.tags["sweep.trial"] == str(best.number)
+        assert bool(checkpoint_files(client, r)) == kept, r.data.tags["sweep.trial"]
+        assert (r.data.tags.get("checkpoints") == "deleted") == (not kept)
+        models = client.search_logged_models(experiment_ids=[r.info.experiment_id],
+                                             filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert bool(models) == kept
+        # Params, metrics and plots stay (the diverged trial has no epoch, so no curves).
+        assert r.data.params["dropout"] == "0.5"
+        if "test/acc" in r.data.metrics:
+            assert "learning_curves.png" in [f.path for f in client.list_artifacts(r.info.run_id)]
+
+
+def test_the_parent_run_gets_best_params_trials_csv_and_plots(mixed):
+    client = mixed["client"]
+    parent = client.get_run(mixed["parent"])
+    best = mixed["study"].best_trial
+    assert parent.data.tags["best.trial"] == str(best.number) and parent.data.tags["best.lr"] == str(best.params["lr"])
+    assert parent.data.metrics["sweep/best_value"] == mixed["study"].best_value
+    assert parent.data.metrics["sweep/finished_trials"] == 4
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_params.json", "sweep.toml", "plots"} <= files
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png", "plots/parallel_coordinate.png",
+            "plots/param_importances.png"} <= plots
+    csv = (Path(parent.info.artifact_uri.removeprefix("file://")) / "trials.csv").read_text().splitlines()
+    assert len(csv) == 5 and "params_lr" in csv[0]
+
+
+def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
+    result = sweep_cli(mixed["home"], "confirm", "mixed", "--top", 2, "--seeds", 2, "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout  # the top 2 are trials 0 (the baseline) and 1, in either order
+    assert "baseline = trial 0" in out and "trial 1" in out and out.count("+/-") == 2
+    assert "winner beats the baseline? " in out and "Welch" in out
+    runs = sweep_runs(mixed["client"], "mixed")["confirm"]
+    assert len(runs) == 4 and {r.data.tags["sweep.seed"] for r in runs} == {"1000", "1001"}
+    assert all(r.data.tags["mlflow.parentRunId"] == mixed["parent"] for r in runs)
+    parent = mixed["client"].get_run(mixed["parent"])
+    assert parent.data.tags["confirm.verdict"] in out
+
+
+# --- kill -9 of a worker mid-trial, then the same command again ---
+
+def test_a_killed_worker_trial_is_retried_and_the_study_completes_exactly(tmp_path):
+    path = write_sweep(tmp_path, "killed", """
+study = "killed"
+n_trials = 1
+pruner = "none"
+heartbeat_seconds = 1
+grace_seconds = 4
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+""")
+    client, storage = stores(tmp_path)
+    cmd = [sys.executable, "-m", "alexnet", "sweep", str(path)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    # Wait until trial 0 is training (its MLflow run exists), then SIGKILL its worker process.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).trials
+        except Exception:
+            continue
+        if trials and trials[0].state.name == "RUNNING" and "mlflow_run_id" in trials[0].user_attrs:
+            break
+    else:
+        launcher.kill()
+        pytest.fail("trial 0 never started")
+    (worker,) = psutil.Process(launcher.pid).children()
+    assert "alexnet.sweep" in " ".join(worker.cmdline())
+    os.kill(worker.pid, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and "killed by SIGKILL" in err
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert study.trials[0].state.name == "RUNNING"  # nobody can tell yet: no heartbeat for < grace_seconds
+    killed_params = study.trials[0].params
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="killed", storage=storage)
+    # The second command waited for trial 0's heartbeat to go stale, failed it and ran its retry:
+    # exactly 1 finished trial, nothing left RUNNING or WAITING.
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    retry = study.trials[1]
+    assert retry.params == killed_params and retry.system_attrs["failed_trial"] == 0
+    runs = sweep_runs(client, "killed")
+    killed_run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["failure_reason"] == "worker_lost"
+    assert [r.info.status for r in runs["trial"]] == ["FAILED", "FINISHED"]
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["sweep.retry_of"] == "0"
+    assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
+    assert f"retried as trial {retry.number}" in again.stderr
+
+
+# --- parallel workers ---
+
+def test_two_parallel_workers_finish_the_count_without_duplicates(tmp_path):
+    path = write_sweep(tmp_path, "pair", """
+study = "pair"
+n_trials = 3
+pruner = "none"
+keep_top = 2
+heartbeat_seconds = 1
+grace_seconds = 4
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+dropout = { low = 0.0, high = 0.8 }
+""", epochs=1)
+    result = sweep_cli(tmp_path, "sweep", path, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    client, storage = stores(tmp_path)
+    study = optuna.load_study(study_name="pair", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    params = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(params)) == 3
+    runs = sweep_runs(client, "pair")["trial"]
+    assert sorted(int(r.data.tags["sweep.trial"]) for r in runs) == [0, 1, 2]
+    assert {r.data.tags["sweep.worker"] for r in runs} == {"0", "1"}  # both workers trained
+    kept = [r for r in runs if checkpoint_files(client, r)]
+    dropped = [r for r in runs if not checkpoint_files(client, r)]
+    assert len(kept) == 2
+    value = {str(t.number): t.value for t in study.trials}
+    assert min(value[r.data.tags["sweep.trial"]] for r in kept) >= max(value[r.data.tags["sweep.trial"]] for r in dropped)
+
+
+# --- bad sweep files ---
+
+BAD = [
+    ("n_trial = 3\n[space]\nlr = { low = 0.001, high = 0.1 }", "unknown key 'n_trial'"),
+    ("[space]\nlearning_rate = { low = 0.001, high = 0.1 }", "unknown key 'learning_rate'"),
+    ("[space]\nlr = { low = 0.1, high = 0.001 }", "low 0.1 > high 0.001"),
+    ("[space]\nresize = { choices = [67, 32] }", "the network needs resize >= 67"),
+    ("sampler = \"cmaes\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "sampler = 'cmaes' is not allowed"),
+    ("pruner = \"asha\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "pruner = 'asha' is not allowed"),
+    ("[space]\nlr = { low = 0.02, high = 0.1 }", "base value 0.01 is outside the space"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD)
+def test_bad_sweep_files_are_one_clear_error(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_sweep(path)
+
+
+def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD[3][0])
+    result = sweep_cli(tmp_path, "sweep", path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "space.resize" in result.stderr
+    assert not (tmp_path / "mlruns").exists()  # nothing was created
+
+
+def test_objective_names_are_the_trainers_metrics():
+    from alexnet.sweep import OBJECTIVES
+    from alexnet.train import EpochRecord
+
+    assert list(OBJECTIVES) == list(EpochRecord(*[0] * 9).metrics())
+
+
+def test_the_shipped_sweep_files_load():
+    default = load_sweep(ROOT / "sweeps" / "default.toml")
+    assert default.study == "default" and set(default.space) == {"lr", "dropout", "resize"}
+    assert default.config["resize"] == 224 and 224 in default.space["resize"]["choices"]
+    smoke = load_sweep(ROOT / "sweeps" / "smoke.toml", ["resize=67"])
+    assert "resize" not in smoke.space and smoke.config["resize"] == 67  # --set fixes a searched field
+
+
+def test_dry_run_runs_the_machinery_tiny_in_a_temporary_store(tmp_path):
+    result = sweep_cli(tmp_path, "sweep", ROOT / "sweeps" / "smoke.toml", "--dry-run", "--n-trials", 1)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "would run study 'smoke': 1 trials" in out and "space: lr log-uniform" in out
+    assert "1 child runs (trial 0 FINISHED)" in out and "checkpoints kept for 1" in out
+    assert "optimization_history.png" in out and "dry run: OK" in out
+    home = out.split("worker(s) in ")[1].split(" ")[0]
+    assert not Path(home).exists() and not (tmp_path / "mlruns").exists()  # temporary, and gone
+
+
+def test_workers_get_a_share_of_the_cores_and_gpus_round_robin():
+    from alexnet.sweep import SPEC_ENV, worker_env
+
+    sweep = load_sweep(ROOT / "sweeps" / "smoke.toml")
+    envs = [worker_env(sweep, i, 3, "parent-id", 0.0, ["0", "1"]) for i in range(3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    threads = max(1, len(os.sched_getaffinity(0)) // 3)
+    assert all(json.loads(e[SPEC_ENV])["threads"] == threads == int(e["OMP_NUM_THREADS"]) for e in envs)
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(sweep, 0, 1, "p", 0.0, ["0"]) or os.environ.get("CUDA_VISIBLE_DEVICES")
