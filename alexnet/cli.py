@@ -18,10 +18,7 @@ def add_config_args(p: argparse.ArgumentParser, file_required: bool = True):
 
 
 def cmd_train(args) -> int:
-    from tqdm import tqdm
-
     from alexnet.config import load_config
-    from alexnet.train import Diverged, resolve_device, resolve_precision, train
 
     resume = getattr(args, "resume", None)
     if resume:  # the run's own config, from its store
@@ -35,7 +32,11 @@ def cmd_train(args) -> int:
     elif not args.file:
         raise UsageError("name an experiment file (e.g. experiments/smoke.toml), or --resume RUN_ID")
     else:
-        cfg = load_config(args.file, args.sets)
+        cfg = load_config(args.file, args.sets)  # checked before torch is even imported
+    from tqdm import tqdm
+
+    from alexnet.train import Diverged, resolve_device, resolve_precision, train
+
     say = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     device = resolve_device(cfg)
     say(f"{f'resuming run {resume}' if resume else f'training {args.file}'}: {cfg.epochs} epochs, resize {cfg.resize}, "
@@ -92,15 +93,27 @@ def cmd_config(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's main job: the chapter's baseline on a GPU, the smoke experiment elsewhere."""
+    """The README's main job: the chapter's baseline on a GPU (the smoke experiment on a CPU), then a
+    small smoke sweep, the sweep's leaderboard and the command that opens the MLflow UI."""
     import torch
 
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    file = experiments / ("baseline.toml" if torch.cuda.is_available() else "smoke.toml")
-    print(f"demo: {'a GPU is' if torch.cuda.is_available() else 'no GPU:'} running {file.relative_to(Path.cwd()) if file.is_relative_to(Path.cwd()) else file}",
-          file=sys.stderr)
-    args.file, args.sets, args.no_track, args.tracking_uri = str(file), list(args.sets), False, None
-    return cmd_train(args)
+    from alexnet import runs, sweep
+
+    root = Path(__file__).resolve().parents[1]
+    gpu = torch.cuda.is_available()
+    file = root / "experiments" / ("baseline.toml" if gpu else "smoke.toml")
+    print(f"demo 1/2: {'GPU' if gpu else 'no GPU'}: training {file.relative_to(root)}", file=sys.stderr)
+    args.file, args.no_track, args.tracking_uri, args.resume = str(file), False, None, None
+    status = cmd_train(args)
+    if status != 0:
+        return status
+    spec = sweep.load_sweep(root / "sweeps" / "demo.toml")
+    print(f"demo 2/2: sweeps/demo.toml: {spec.n_trials} trials of lr, dropout and resize", file=sys.stderr)
+    result = sweep.run_sweep(spec, 1, quiet=args.quiet)
+    print(sweep.summary_text(spec, result))
+    print(runs.format_table(runs.leaderboard(sweep=spec.study, limit=10)))
+    print("compare every run, metric and checkpoint in the MLflow UI:  .venv/bin/alexnet ui")
+    return result["status"]
 
 
 def cmd_sweep(args) -> int:
@@ -191,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("demo", help="the README's main job: smoke run on a CPU, the baseline on a GPU",
-                       description="Train experiments/baseline.toml on a GPU, experiments/smoke.toml elsewhere, logged to MLflow.")
+                       description="Train experiments/baseline.toml on a GPU (experiments/smoke.toml elsewhere), then sweep sweeps/demo.toml; all logged to MLflow.")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_demo)

@@ -164,7 +164,12 @@ class DeviceData:
     def batches(self, batch_size: int, resize: int, shuffle: torch.Generator | None = None,
                 channels_last: bool = False):
         n = len(self.labels)
-        order = torch.randperm(n, generator=shuffle).to(self.images.device) if shuffle is not None else None
+        order = None
+        if shuffle is not None:
+            # The book's DataLoader draws its workers' base seed from the generator, then its sampler a
+            # permutation: drawing the same, both pipelines visit the same examples in the same order.
+            torch.empty((), dtype=torch.int64).random_(generator=shuffle)
+            order = torch.randperm(n, generator=shuffle).to(self.images.device)
         for start in range(0, n, batch_size):  # the last batch may be short, as with DataLoader
             idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
             x = resize_batch(self.images[idx], resize)
@@ -177,7 +182,10 @@ def book_loader(dataset, limit: int, batch_size: int, shuffle: torch.Generator |
     """The chapter's `d2l.load_data_fashion_mnist(batch_size, resize)`: a DataLoader over the
     torchvision dataset built with `book_transform`, PIL Resize + ToTensor in worker processes."""
     subset = torch.utils.data.Subset(dataset, balanced_subset(dataset.targets, limit).tolist())
-    return torch.utils.data.DataLoader(subset, batch_size, shuffle=shuffle is not None, generator=shuffle,
+    # Unshuffled (evaluation) it still gets a generator of its own: the DataLoader would otherwise draw
+    # its workers' base seed from the global RNG and shift the dropout masks of every later epoch.
+    generator = shuffle if shuffle is not None else torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(subset, batch_size, shuffle=shuffle is not None, generator=generator,
                                        num_workers=num_workers, persistent_workers=False)
 
 

@@ -801,11 +801,18 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
                desc=f"sweep {sweep.study}", file=sys.stderr)
     status = 0
 
-    def poll():
+    failed_once = set()
+
+    def poll(final=False):
         trials = study.get_trials(deepcopy=False)
         retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
         for t in trials:
             if t.state.is_finished() and t.number not in seen:
+                # A dead worker's trial is failed a moment before its retry is queued: give the retry
+                # one poll to appear, so the line can say which trial retries it.
+                if t.state.name == "FAIL" and t.number not in retried_as and t.number not in failed_once and not final:
+                    failed_once.add(t.number)
+                    continue
                 seen.add(t.number)
                 say(trial_line(t, sweep.objective, retried_as))
         finished, _, _ = tally(study)
@@ -819,7 +826,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
             poll()
-        poll()
+        poll(final=True)
     except KeyboardInterrupt:
         status = 130
         say("interrupted: stopping the workers (their trials end KILLED and are queued again)")

@@ -10,6 +10,15 @@ evaluation included), epoch seconds, best-so-far test accuracy, and the full tra
 checkpoints. With one seed on one device, two runs give identical metrics, and a run resumed from a
 checkpoint continues exactly where it stopped (shuffling depends on (seed, epoch); the RNG state that
 drives dropout is in the checkpoint).
+
+Two pipelines, one loop. `pipeline = "book"` is the chapter's path: PIL Resize + ToTensor in 4
+DataLoader workers, fp32, a host sync every step and every evaluation batch (its Accumulator calls
+float()), the book's host clock. `pipeline = "fast"` keeps the uint8 data on the device, resizes each
+batch there, accumulates metrics on the device, evaluates in larger batches and, on CUDA, adds bf16
+autocast, channels_last, fused SGD and cuDNN autotuning (`speed_switches` says what a run applies);
+`compile = true` adds torch.compile, its compile time reported apart. Both draw the same shuffle: a
+seed gives either the same initial weights, batches and dropout masks. benchmarks/throughput.py
+measures one against the other.
 """
 
 from __future__ import annotations
@@ -47,8 +56,9 @@ class EpochRecord:
     state: Callable[[], dict] = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, float]:
-        """Namespaced metric names, as logged to MLflow."""
-        return {
+        """Namespaced metric names, as logged to MLflow (`perf/compile_seconds` only where it is > 0:
+        the first epoch of a compiled run)."""
+        metrics = {
             "train/loss": self.train_loss,
             "train/acc": self.train_acc,
             "test/acc": self.test_acc,
@@ -57,6 +67,9 @@ class EpochRecord:
             "perf/wall_examples_per_sec": self.wall_examples_per_sec,
             "perf/epoch_seconds": self.epoch_seconds,
         }
+        if self.compile_seconds > 0:
+            metrics["perf/compile_seconds"] = self.compile_seconds
+        return metrics
 
 
 class Diverged(RuntimeError):
@@ -78,35 +91,55 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """bf16 autocast where it pays (CUDA with bf16, fast pipeline); fp32, the chapter's, elsewhere."""
+    """bf16 autocast where it pays (fast pipeline on a CUDA GPU with native bf16: Ampere or newer);
+    fp32, the chapter's, elsewhere: CPU autocast and emulated bf16 (V100, T4) are slower than fp32."""
     if cfg.precision != "auto":
         return cfg.precision
     fast_cuda = cfg.pipeline == "fast" and device.type == "cuda"
-    return "bf16" if fast_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if fast_cuda and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+
+
+def speed_switches(cfg: Config, device: torch.device) -> dict:
+    """The speed switches as a run applies them. The book pipeline keeps the chapter's plain path (fp32,
+    no autotuning, a host sync every step, evaluation at the training batch size); on the fast one,
+    bf16, channels_last and fused SGD apply only on CUDA, where they pay."""
+    fast, cuda = cfg.pipeline == "fast", device.type == "cuda"
+    return {
+        "precision": resolve_precision(cfg, device),
+        "channels_last": fast and cuda and cfg.channels_last,
+        "fused_sgd": fast and cuda and cfg.fused_sgd,
+        "cudnn_benchmark": fast and cfg.cudnn_benchmark,
+        "compile": cfg.compile,
+        "eval_batch_size": cfg.eval_batch_size if fast else cfg.batch_size,
+        "sync_each_step": not fast,
+        "num_workers": 0 if fast else cfg.num_workers,
+    }
 
 
 class StepTimer:
-    """Sums step times like the book's `d2l.Timer`, without a host sync per step on CUDA (events)."""
+    """Sums step times like the book's `d2l.Timer`. With `events` (CUDA, fast pipeline) it times each
+    step with CUDA events instead, so it needs no host sync per step; the book pipeline syncs every
+    step anyway and keeps the book's host clock."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, events: bool):
+        self.events = events
         self.pairs, self.seconds, self._t = [], 0.0, 0.0
 
     def start(self):
-        if self.cuda:
+        if self.events:
             self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.pairs[-1][0].record()
         else:
             self._t = time.perf_counter()
 
     def stop(self):
-        if self.cuda:
+        if self.events:
             self.pairs[-1][1].record()
         else:
             self.seconds += time.perf_counter() - self._t
 
     def total(self) -> float:
-        if self.cuda:
+        if self.events:
             torch.cuda.synchronize()
             return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
         return self.seconds
@@ -118,7 +151,7 @@ def train_one_epoch(model, optimizer, batches, *, epoch, device, amp_dtype, sync
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, timer = 0, StepTimer(device)
+    seen, timer = 0, StepTimer(events=device.type == "cuda" and not sync_each_step)
     for step, (x, y) in enumerate(batches, 1):
         timer.start()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -148,8 +181,9 @@ def train_one_epoch(model, optimizer, batches, *, epoch, device, amp_dtype, sync
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, device, amp_dtype) -> float:
-    """Test accuracy in eval mode (dropout off), as `d2l.evaluate_accuracy_gpu`."""
+def evaluate(model, batches, *, device, amp_dtype, sync_each_step=False) -> float:
+    """Test accuracy in eval mode (dropout off), as `d2l.evaluate_accuracy_gpu`, which reads the count
+    back every batch (`sync_each_step`); the fast pipeline reads it once."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
@@ -157,6 +191,8 @@ def evaluate(model, batches, *, device, amp_dtype) -> float:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             correct += (model(x).argmax(1) == y).sum()
+        if sync_each_step:
+            correct.item()
         seen += len(y)
     return correct.item() / seen
 
@@ -166,16 +202,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _compile_warmup(compiled, model, shapes, device, amp_dtype) -> float:
-    """Compile every shape the run will see before the clock starts; RNG and weights untouched."""
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The batch sizes one pass over n examples yields: full batches and a shorter last one."""
+    return sorted({min(n, batch_size), n % batch_size} - {0}, reverse=True)
+
+
+def _compile_warmup(compiled, model, inputs, device, amp_dtype) -> float:
+    """Run the compiled model once per (training?, example input) before the clock starts, so each
+    graph (train and eval mode, every batch size) is compiled now; RNG and weights are untouched."""
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for mode, batch in shapes:
-            model.train(mode == "train")
-            x = torch.zeros(batch, *shapes.input_shape, device=device)
+        for training, x in inputs:
+            model.train(training)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = compiled(x)
-            if mode == "train":
+            if training:
                 out.float().sum().backward()
         model.zero_grad(set_to_none=True)
     _sync(device)
@@ -187,19 +228,21 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     `EpochRecord.state()`) to resume from: training continues at the epoch after it."""
     # --- Setup ---
     device = resolve_device(cfg)
-    amp_dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else None
-    fast, cuda = cfg.pipeline == "fast", device.type == "cuda"
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    switches = speed_switches(cfg, device)
+    amp_dtype = torch.bfloat16 if switches["precision"] == "bf16" else None
+    fast, cuda, channels_last = cfg.pipeline == "fast", device.type == "cuda", switches["channels_last"]
+    # cuDNN's autotuning flag is process-wide: it is set again before each epoch, since two trainings
+    # may alternate in one process (benchmarks/throughput.py).
+    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
     torch.manual_seed(cfg.seed)
 
     # --- Model (built and initialised on the CPU, so the initial weights do not depend on the device) ---
     model = alexnet(cfg.dropout, cfg.resize)
     init_weights(model)
     model.to(device)
-    channels_last = fast and cuda and cfg.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=True if (fast and cuda and cfg.fused_sgd) else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=True if switches["fused_sgd"] else None)
     first_epoch, best_acc, best_epoch = 1, 0.0, 0
     if start is not None:
         model.load_state_dict(start["model"])
@@ -210,10 +253,11 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
             torch.cuda.set_rng_state_all(start["rng"]["cuda"])
 
     # --- Data ---
+    eval_batch = switches["eval_batch_size"]
     if fast:
         train_data = data.DeviceData(data.load(cfg.data_dir, train=True), cfg.train_limit, device)
         test_data = data.DeviceData(data.load(cfg.data_dir, train=False), cfg.test_limit, device)
-        n_train, n_test, eval_batch = len(train_data), len(test_data), cfg.eval_batch_size
+        n_train, n_test = len(train_data), len(test_data)
 
         def train_batches(epoch):
             return train_data.batches(cfg.batch_size, cfg.resize, data.epoch_generator(cfg.seed, epoch), channels_last)
@@ -225,7 +269,7 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
         train_set = data.load(cfg.data_dir, train=True, transform=transform)
         test_set = data.load(cfg.data_dir, train=False, transform=transform)
         n_train = len(data.balanced_subset(train_set.targets, cfg.train_limit))
-        n_test, eval_batch = len(data.balanced_subset(test_set.targets, cfg.test_limit)), cfg.batch_size
+        n_test = len(data.balanced_subset(test_set.targets, cfg.test_limit))
 
         def train_batches(epoch):
             return data.book_loader(train_set, cfg.train_limit, cfg.batch_size,
@@ -238,9 +282,15 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     forward, compile_seconds = model, 0.0
     if cfg.compile:
         forward = torch.compile(model, dynamic=False)
-        shapes = _Shapes((1, cfg.resize, cfg.resize), [("train", cfg.batch_size), ("train", n_train % cfg.batch_size),
-                                                        ("eval", eval_batch), ("eval", n_test % eval_batch)])
-        compile_seconds = _compile_warmup(forward, model, shapes, device, amp_dtype)
+        # Each (mode, batch size, memory format) the run will see is a graph of its own: compile all now.
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+        def example(b):
+            return torch.zeros(b, 1, cfg.resize, cfg.resize, device=device).contiguous(memory_format=fmt)
+
+        inputs = ([(True, example(b)) for b in batch_sizes(n_train, cfg.batch_size)]
+                  + [(False, example(b)) for b in batch_sizes(n_test, eval_batch)])
+        compile_seconds = _compile_warmup(forward, model, inputs, device, amp_dtype)
 
     # --- Training ---
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -249,11 +299,13 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+            torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
             t0 = time.perf_counter()
             loss, train_acc, seen, step_seconds = train_one_epoch(
                 forward, optimizer, train_batches(epoch), epoch=epoch, device=device, amp_dtype=amp_dtype,
-                sync_each_step=not fast, bar=bar)
-            test_acc = evaluate(forward, test_batches(), device=device, amp_dtype=amp_dtype)
+                sync_each_step=switches["sync_each_step"], bar=bar)
+            test_acc = evaluate(forward, test_batches(), device=device, amp_dtype=amp_dtype,
+                                sync_each_step=switches["sync_each_step"])
             epoch_seconds = time.perf_counter() - t0
             if test_acc > best_acc:
                 best_acc, best_epoch = test_acc, epoch
@@ -271,11 +323,3 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
                               compile_seconds=compile_seconds if epoch == first_epoch else 0.0, state=state)
     finally:
         bar.close()
-
-
-class _Shapes(list):
-    """(mode, batch) pairs to compile, skipping empty remainders, plus the per-example input shape."""
-
-    def __init__(self, input_shape, pairs):
-        super().__init__((m, b) for m, b in dict.fromkeys(pairs) if b > 0)
-        self.input_shape = input_shape

@@ -2,8 +2,6 @@
 
 import math
 
-import pytest
-
 from alexnet.config import load_config
 from alexnet.train import train
 from conftest import ROOT, run_cli
@@ -38,7 +36,6 @@ def test_resuming_from_a_state_continues_exactly():
     assert metrics(resumed) == metrics(full[1:])
 
 
-@pytest.mark.slow
 def test_a_short_real_data_run_learns():
     """Budget: 4,096 class-balanced training images at resize 67, batch 32, lr 0.1, 2 epochs (256 SGD
     steps, about a minute on 2 cores). Chance is 0.10; the run must clear 0.40 on 1,000 test images."""
