@@ -39,17 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alexnet import UsageError
-from alexnet.config import FIELDS, MIN_RESIZE, Config, check_keys, parse_sets, read_toml
+from alexnet.config import FIELDS, MIN_RESIZE, Config, _f, check_keys, parse_sets, read_toml
 
 SPEC_ENV = "ALEXNET_SWEEP_SPEC"  # the resolved sweep, as JSON, handed to worker processes
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 # --- Sweep files ------------------------------------------------------------------------------------
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass(frozen=True)
 class Sweep:
