@@ -185,14 +185,18 @@ def fetch(run_id: str, name: str) -> dict | None:
 class Writer:
     """One background thread that publishes checkpoints while training goes on.
 
-    `submit(names, state)` snapshots the state at once and returns that snapshot; the thread writes
-    it later. If the thread is still busy, a newer state for the same name replaces the waiting one
-    (only the newest `last` matters). An error in the thread is raised by the next `submit` or by
-    `close`, so a full disk is never silent."""
+    `submit(names, state, then)` snapshots the state at once and returns that snapshot; the thread
+    writes it later, then calls `then()` (tracking logs the epoch's metrics there, so a metric is in
+    the run only once the state that produced it can be resumed: a resumed run never logs an epoch
+    twice). If the thread is still busy, a newer state for the same name replaces the waiting one
+    (only the newest `last` matters; the callbacks of both still run, after it). `call_after(fn)`
+    queues a callback behind the waiting writes. An error in the thread is raised by the next
+    `submit` or by `close`, so a full disk is never silent; callbacks behind a failed write do not run."""
 
     def __init__(self, run_id: str, artifact_uri: str):
         self.run_id, self.artifact_uri = run_id, artifact_uri
         self.pending: dict[str, tuple] = {}  # name -> (snapshot, ready event)
+        self.callbacks: list = []            # run in order once the pending writes are published
         self.error: BaseException | None = None
         self.closing = False
         self.cond = threading.Condition()
@@ -202,7 +206,7 @@ class Writer:
         self.thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, names: list[str], state: dict) -> dict:
+    def submit(self, names: list[str], state: dict, then=None) -> dict:
         self._raise()
         snap = snapshot(state)
         ready = None
@@ -212,17 +216,26 @@ class Writer:
         with self.cond:
             for name in names:
                 self.pending[name] = (snap, ready)
+            if then is not None:
+                self.callbacks.append(then)
             self.cond.notify()
         return snap
+
+    def call_after(self, fn) -> None:
+        self._raise()
+        with self.cond:
+            self.callbacks.append(fn)
+            self.cond.notify()
 
     def _loop(self):
         while True:
             with self.cond:
-                while not self.pending and not self.closing:
+                while not self.pending and not self.callbacks and not self.closing:
                     self.cond.wait()
-                if not self.pending:
+                if not self.pending and not self.callbacks:
                     return
                 work, self.pending = self.pending, {}
+                callbacks, self.callbacks = self.callbacks, []
             try:
                 # Names that share one snapshot are written from one serialization.
                 groups: dict[int, list[str]] = {}
@@ -231,6 +244,8 @@ class Writer:
                 for names in groups.values():
                     snap, ready = work[names[0]]
                     publish(to_host(snap, ready), names, self.run_id, self.artifact_uri)
+                for fn in callbacks:
+                    fn()
             except BaseException as e:  # kept for the training thread to raise
                 self.error = e
                 return
@@ -240,11 +255,9 @@ class Writer:
             error, self.error = self.error, None
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
 
-    def close(self, wait: bool = True):
-        """Write what is waiting (unless `wait` is False: Ctrl-C), stop the thread, raise its error."""
+    def close(self):
+        """Write what is waiting, run the callbacks, stop the thread, raise its error."""
         with self.cond:
-            if not wait:
-                self.pending.clear()
             self.closing = True
             self.cond.notify()
         self.thread.join()

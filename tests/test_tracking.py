@@ -241,3 +241,41 @@ def test_writer_raises_a_failed_write(tmp_path):
     with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
         writer.close()
     assert blocker.read_text().startswith("a file")
+
+
+def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path, monkeypatch):
+    """Tracking logs an epoch's metrics in the writer's callback: it must run after the state of that
+    epoch (or a newer one that replaced it while waiting) is on disk, and never after a failed write."""
+    import threading
+
+    events, gate = [], threading.Event()
+    publish = checkpoint.publish
+
+    def slow_publish(state, names, run_id, artifact_uri):
+        gate.wait(30)  # the first write blocks until the test has queued epochs 2 and 3 behind it
+        publish(state, names, run_id, artifact_uri)
+        events.append(("published", int(state["epoch"])))
+
+    monkeypatch.setattr(checkpoint, "publish", slow_publish)
+    folder = tmp_path / "artifacts"
+    writer = checkpoint.Writer("r", folder.as_uri())
+    for epoch in (1, 2, 3):
+        writer.submit(["last"], {"epoch": torch.tensor(epoch)}, then=lambda e=epoch: events.append(("logged", e)))
+        if epoch == 1:
+            time.sleep(0.2)  # the thread takes epoch 1; 2 and 3 wait, and 3 replaces 2
+    writer.call_after(lambda: events.append(("after", 0)))
+    gate.set()
+    writer.close()
+    # Epoch 2's state was never written (3 replaced it), but its metrics are logged, after epoch 3's state.
+    assert events == [("published", 1), ("logged", 1), ("published", 3), ("logged", 2), ("logged", 3), ("after", 0)]
+    assert checkpoint.load(folder / "checkpoints" / "last.pt")["epoch"] == 3
+
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the run's artifact folder should be")
+    gate.set()
+    events.clear()
+    writer = checkpoint.Writer("r", blocker.as_uri())
+    writer.submit(["last"], {"epoch": torch.tensor(1)}, then=lambda: events.append(("logged", 1)))
+    with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
+        writer.close()
+    assert events == []  # no metric for a state that could not be saved
