@@ -17,6 +17,11 @@ def add_config_args(p: argparse.ArgumentParser, file_required: bool = True):
                    help="override one config field; repeatable (e.g. --set lr=0.05 --set resize=96)")
 
 
+def add_tracking_arg(p: argparse.ArgumentParser):
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store or server, e.g. http://host:5000 "
+                   "(default: $MLFLOW_TRACKING_URI, else the project's mlruns/)")
+
+
 def cmd_train(args) -> int:
     from alexnet.config import load_config
 
@@ -26,8 +31,6 @@ def cmd_train(args) -> int:
             raise UsageError("--resume continues a run with its own config: drop the experiment file, --set and --no-track")
         from alexnet import tracking
 
-        if args.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
         cfg = tracking.resume_config(resume)
     elif not args.file:
         raise UsageError("name an experiment file (e.g. experiments/smoke.toml), or --resume RUN_ID")
@@ -50,8 +53,6 @@ def cmd_train(args) -> int:
         else:
             from alexnet import tracking
 
-            if args.tracking_uri:
-                os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
             run = tracking.tracked_train(
                 cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
                 on_start=lambda run_id: say(f"mlflow run {run_id} (if it stops early: alexnet train --resume {run_id})"),
@@ -103,7 +104,7 @@ def cmd_demo(args) -> int:
     gpu = torch.cuda.is_available()
     file = root / "experiments" / ("baseline.toml" if gpu else "smoke.toml")
     print(f"demo 1/2: {'GPU' if gpu else 'no GPU'}: training {file.relative_to(root)}", file=sys.stderr)
-    args.file, args.no_track, args.tracking_uri, args.resume = str(file), False, None, None
+    args.file, args.no_track, args.resume = str(file), False, None
     status = cmd_train(args)
     if status != 0:
         return status
@@ -145,16 +146,14 @@ def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/runs.py)."""
     from alexnet import runs, tracking
 
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     tracking.set_up_store()
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   sort=args.sort, reverse=args.reverse, limit=args.limit)
     board = runs.leaderboard(**select)
     if args.kill_stale:
-        for run_id, why in runs.stale_runs(board):
+        for run_id, why, resume in runs.stale_runs(board):
             tracking.mark_killed(run_id, why)
-            print(f"marked run {run_id} KILLED ({why}); resume it with: alexnet train --resume {run_id}", file=sys.stderr)
+            print(f"marked run {run_id} KILLED ({why}); resume it with: {resume}", file=sys.stderr)
         board = runs.leaderboard(**select)
     if args.plot:
         if board.empty:
@@ -171,7 +170,7 @@ def cmd_runs(args) -> int:
         print(runs.format_table(board))
         if (board["status"] == "STALE").any():
             print("STALE: RUNNING in MLflow but its process is gone; `alexnet runs --kill-stale` marks them KILLED, "
-                  "`alexnet train --resume RUN_ID` continues one", file=sys.stderr)
+                  "`alexnet train --resume RUN_ID` continues one (a sweep's: run the sweep again)", file=sys.stderr)
     return 0
 
 
@@ -179,8 +178,6 @@ def cmd_ui(args) -> int:
     """The MLflow UI on the project's store (alexnet/ui.py)."""
     from alexnet import ui
 
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment)
 
 
@@ -200,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "MLflow run from its last checkpoint, with its own config (no file, no --set)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines; print only the summary")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow (pure speed runs)")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    add_tracking_arg(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("demo", help="the README's main job: smoke run on a CPU, the baseline on a GPU",
@@ -229,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, metavar="N", help="trials to finish in all (overrides the file)")
     p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
+    add_tracking_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-trial lines")
     p.set_defaults(run=cmd_sweep)
@@ -242,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, metavar="S", help="fresh seeds per configuration (default: 3)")
     p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    add_tracking_arg(p)
     p.set_defaults(run=cmd_confirm)
 
     p = sub.add_parser("runs", help="leaderboard of MLflow runs: filter, sort, CSV/JSON, learning curves",
@@ -262,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.add_argument("--plot", metavar="FILE", help="also draw the selected runs' learning curves in one PNG")
     p.add_argument("--kill-stale", action="store_true", help="mark the selected STALE runs KILLED (resumable)")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    add_tracking_arg(p)
     p.set_defaults(run=cmd_runs)
 
     p = sub.add_parser("ui", help="the MLflow UI on the project's runs (127.0.0.1:5000)",
@@ -273,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", metavar="HOSTS", help="comma-separated Host names clients may use; "
                    "required with a --host beyond loopback (e.g. myserver:5000)")
     p.add_argument("--experiment", default="alexnet-fashion-mnist", metavar="NAME", help="experiment whose page to print")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns)")
+    add_tracking_arg(p)
     p.set_defaults(run=cmd_ui)
     return parser
 
@@ -281,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "tracking_uri", None):  # one place for every command; sweep workers inherit it
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:
         return args.run(args)
     except UsageError as e:
