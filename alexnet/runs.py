@@ -78,7 +78,7 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     from alexnet import tracking
 
     raw = search(experiment, sweep, parent)
-    columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id"]
+    columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id", "resume"]
     if sort not in columns:
         raise UsageError(f"runs: cannot sort by {sort!r} (columns: {', '.join(columns)})")
     if raw.empty:
@@ -95,6 +95,7 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
                       for s, t in zip(raw["status"], tags.to_dict("records"))]
     board.loc[board["stale"] != "", "status"] = "STALE"
     board["run_id"] = raw["run_id"]
+    board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags.to_dict("records"))]
     for name in NUMERIC:
         if name in board:
             board[name] = pd.to_numeric(board[name], errors="coerce")
@@ -115,7 +116,7 @@ def format_table(board) -> str:
         s = int(s)
         return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    shown = board.drop(columns=["stale"]).copy()
+    shown = board.drop(columns=["stale", "resume"]).copy()
     formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "epochs": "{:.0f}", "best_acc": "{:.4f}",
                "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}"}
     for name, fmt in formats.items():
@@ -125,14 +126,22 @@ def format_table(board) -> str:
     return shown.to_string(index=False)
 
 
-def stale_runs(board) -> list[tuple[str, str]]:
-    """(run_id, reason) of the board's stale runs."""
-    return [(r, why) for r, why in zip(board["run_id"], board["stale"]) if why]
+def resume_command(run_id: str, tags: dict) -> str:
+    """What continues a stopped run: its sweep's command for a sweep's runs (the study retries the
+    trial and reopens the parent), `alexnet train --resume` for the others."""
+    if tags.get("sweep.role") in ("parent", "trial") and isinstance(tags.get("experiment_file"), str):
+        return f"alexnet sweep {tags['experiment_file']}"
+    return f"alexnet train --resume {run_id}"
+
+
+def stale_runs(board) -> list[tuple[str, str, str]]:
+    """(run_id, reason, the command that resumes it) of the board's stale runs."""
+    return [(r, why, cmd) for r, why, cmd in zip(board["run_id"], board["stale"], board["resume"]) if why]
 
 
 def history(run_id: str) -> dict[str, dict[int, float]]:
-    """Per-epoch values of the curve metrics, {key: {epoch: value}}: the last value logged for each
-    epoch (a resumed run logs the epochs after its checkpoint again, with the same values)."""
+    """Per-epoch values of the curve metrics, {key: {epoch: value}} (the last value logged, should
+    an epoch have two)."""
     import mlflow
 
     client = mlflow.MlflowClient()

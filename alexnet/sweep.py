@@ -785,6 +785,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
         f"storage {tracking.redact(sweep.storage)}; parent run {parent}")
 
     deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
+    # The parent run carries this launcher's pid and heartbeat: if the launcher dies, `alexnet runs`
+    # shows the parent STALE instead of RUNNING forever.
+    stop_heartbeat = tracking.start_heartbeat(parent)
     gpus = visible_gpus()
     # Own sessions: a terminal's Ctrl-C reaches this process only, which passes exactly one SIGINT on
     # (a second one would interrupt a worker while it ends its trial cleanly).
@@ -838,6 +841,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
         poll()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_heartbeat()
         bar.close()
     for i, p in enumerate(procs):
         if p.returncode not in (0, 130) and status == 0:

@@ -20,7 +20,7 @@ import optuna
 import psutil
 import pytest
 
-from alexnet import UsageError
+from alexnet import UsageError, cli
 from alexnet.sweep import load_sweep
 from conftest import ROOT
 
@@ -250,6 +250,52 @@ lr = { low = 0.005, high = 0.05, log = true }
     assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["sweep.retry_of"] == "0"
     assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
     assert f"retried as trial {retry.number}" in again.stderr
+
+
+def test_a_killed_launcher_leaves_its_parent_run_stale_not_running(tmp_path, monkeypatch, capsys):
+    """kill -9 of the launcher (and its workers) once the parent run exists: MLflow still says RUNNING,
+    `alexnet runs` says STALE, and --kill-stale ends it KILLED, naming the sweep command that resumes it."""
+    path = write_sweep(tmp_path, "orphan", """
+study = "orphan"
+n_trials = 1
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+""")
+    client, storage = stores(tmp_path)
+    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # The study names its parent run once both stores are set up; the launcher then tags it.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.2)
+            try:
+                parent_id = optuna.load_study(study_name="orphan", storage=storage).user_attrs["mlflow_parent_run_id"]
+                if "pid" in client.get_run(parent_id).data.tags:
+                    break
+            except Exception:
+                continue
+        else:
+            pytest.fail("the parent run never got the launcher's pid")
+        workers = psutil.Process(launcher.pid).children()
+    finally:
+        launcher.kill()
+        launcher.wait()
+    for w in workers:
+        w.kill()
+    psutil.wait_procs(workers, timeout=30)
+    (parent,) = sweep_runs(client, "orphan")["parent"]
+    assert parent.info.status == "RUNNING" and parent.data.tags["pid"] == str(launcher.pid)
+
+    monkeypatch.setenv("ALEXNET_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored to unset afterwards
+    assert cli.main(["runs", "--json"]) == 0
+    row = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)}[parent.info.run_id]
+    assert row["status"] == "STALE" and f"process {launcher.pid} is gone" in row["stale"]
+    assert cli.main(["runs", "--kill-stale"]) == 0
+    assert f"marked run {parent.info.run_id} KILLED" in (err := capsys.readouterr().err)
+    assert f"resume it with: alexnet sweep {path}" in err
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
 
 
 # --- parallel workers ---
