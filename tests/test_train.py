@@ -6,7 +6,7 @@ from alexnet.config import load_config
 from alexnet.train import train
 from conftest import ROOT, run_cli
 
-TINY = ["resize=67", "train_limit=512", "test_limit=200", "epochs=2", "batch_size=64", "lr=0.05"]
+TINY = ["resize=67", "train_limit=256", "test_limit=200", "epochs=2", "batch_size=64", "lr=0.05"]
 
 
 def metrics(records):
@@ -37,10 +37,11 @@ def test_resuming_from_a_state_continues_exactly():
 
 
 def test_a_short_real_data_run_learns():
-    """Budget: 4,096 class-balanced training images at resize 67, batch 32, lr 0.1, 2 epochs (256 SGD
-    steps, about a minute on 2 cores). Chance is 0.10; the run must clear 0.40 on 1,000 test images."""
+    """Budget: 2,048 class-balanced training images at resize 67, batch 16, lr 0.1, 2 epochs (256 SGD
+    steps, about a minute on 2 cores; it reached 0.52). Chance is 0.10; the run must clear 0.40 on 1,000
+    test images."""
     result = run_cli("train", ROOT / "experiments" / "smoke.toml", "--no-track", "--quiet",
-                     "--set", "train_limit=4096", "--set", "batch_size=32", "--set", "test_limit=1000")
+                     "--set", "train_limit=2048", "--set", "batch_size=16", "--set", "test_limit=1000")
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     test_acc = float(summary.split("test acc ")[1].split()[0])
