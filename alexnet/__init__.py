@@ -5,7 +5,13 @@ Importing the package is cheap: torch, mlflow and optuna are imported only by th
 them, so `alexnet --help` answers at once.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# MLflow 3 sends usage telemetry from every process that uses it and waits for its threads at exit
+# (2 s a command on these machines, offline or not). Off unless the user has set it either way.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 class UsageError(Exception):

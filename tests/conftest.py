@@ -13,7 +13,10 @@ def home(tmp_path, monkeypatch):
     """A throw-away project home: MLflow and Optuna stores go to tmp_path/mlruns, never the repo's."""
     monkeypatch.setenv("ALEXNET_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
+    yield tmp_path
+    # The commands export the store they used (set_up_store), for their child processes; monkeypatch
+    # restores only what existed before, so the variable is removed here.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def run_cli(*args, env=None, timeout=600):

@@ -252,17 +252,17 @@ lr = { low = 0.005, high = 0.05, log = true }
     assert f"retried as trial {retry.number}" in again.stderr
 
 
-def test_a_killed_launcher_leaves_its_parent_run_stale_not_running(tmp_path, monkeypatch, capsys):
+def test_a_killed_launcher_leaves_its_parent_run_stale_not_running(home, capsys):
     """kill -9 of the launcher (and its workers) once the parent run exists: MLflow still says RUNNING,
     `alexnet runs` says STALE, and --kill-stale ends it KILLED, naming the sweep command that resumes it."""
-    path = write_sweep(tmp_path, "orphan", """
+    path = write_sweep(home, "orphan", """
 study = "orphan"
 n_trials = 1
 [space]
 lr = { low = 0.005, high = 0.05, log = true }
 """)
-    client, storage = stores(tmp_path)
-    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(tmp_path),
+    client, storage = stores(home)
+    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(home),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # The study names its parent run once both stores are set up; the launcher then tags it.
@@ -287,9 +287,7 @@ lr = { low = 0.005, high = 0.05, log = true }
     (parent,) = sweep_runs(client, "orphan")["parent"]
     assert parent.info.status == "RUNNING" and parent.data.tags["pid"] == str(launcher.pid)
 
-    monkeypatch.setenv("ALEXNET_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored to unset afterwards
-    assert cli.main(["runs", "--json"]) == 0
+    assert cli.main(["runs", "--json"]) == 0  # in this process, on the same store (the `home` fixture)
     row = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)}[parent.info.run_id]
     assert row["status"] == "STALE" and f"process {launcher.pid} is gone" in row["stale"]
     assert cli.main(["runs", "--kill-stale"]) == 0
