@@ -1,5 +1,6 @@
 """Config: the chapter's defaults, TOML files with --set overrides, bad input refused before work."""
 
+import os
 import subprocess
 import sys
 
@@ -90,3 +91,12 @@ def test_help_is_instant_and_imports_no_framework():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     result = run_cli("--help")
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_chose():
+    code = "import os, alexnet; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    for given, expected in [(None, "true"), ("false", "false")]:
+        run_env = env if given is None else {**env, "MLFLOW_DISABLE_TELEMETRY": given}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
