@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from alexnet import UsageError
+from alexnet.tracking import FOLDER  # the run's artifact folder; named there so that tracking needs no torch
 
 MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
 HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline
-FOLDER = "checkpoints"  # artifact folder of the run
 
 
 def _map(fn, tree):

@@ -34,6 +34,7 @@ from alexnet import UsageError
 from alexnet.config import Config, to_toml
 
 DEFAULT_EXPERIMENT = "alexnet-fashion-mnist"
+FOLDER = "checkpoints"    # the run's artifact folder of checkpoints (alexnet/checkpoint.py writes it)
 HEARTBEAT_S = 60           # a running run refreshes its `heartbeat` tag this often
 STALE_AFTER_S = 5 * 60     # a run on another host with no heartbeat for this long is stale
 
@@ -255,8 +256,6 @@ def resume_config(run_id: str) -> Config:
         raise UsageError(f"--resume: run {run_id} is still RUNNING ({where}): stop it first, or wait for it")
     if tags.get("checkpoints") == "deleted":
         raise UsageError(f"--resume: run {run_id}'s checkpoints were deleted: train it again with `alexnet train FILE`")
-    from alexnet.checkpoint import FOLDER
-
     if "last.pt" not in {Path(f.path).name for f in client.list_artifacts(run_id, FOLDER)}:
         raise UsageError(f"--resume: run {run_id} has no checkpoint ({FOLDER}/last.pt): it stopped before its first "
                          f"epoch ended; train it again with `alexnet train FILE`")
@@ -495,8 +494,6 @@ def delete_checkpoints(run_id: str) -> int:
     artifacts: the local store, and a server started with `--serve-artifacts`."""
     import mlflow
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    from alexnet.checkpoint import FOLDER
 
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)

@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 
-from alexnet import cli, runs, tracking
+from alexnet import checkpoint, cli, runs, tracking
 from conftest import ROOT
 
 SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
@@ -114,3 +114,34 @@ def checkpoint_epoch(data: bytes) -> int:
     from alexnet.checkpoint import HEADER_BYTES
 
     return torch.load(io.BytesIO(data[HEADER_BYTES:]), weights_only=True)["epoch"]
+
+
+def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(store, tmp_path):
+    """SIGINT (Ctrl-C) in the middle of epoch 2 of 20: exit status 130 and one line, the run KILLED,
+    the epochs already logged each once and behind a whole checkpoint, no temporary file left."""
+    home = store
+    sets = [a for s in SETS + ["epochs=20"] for a in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        checkpoints = lambda: list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))  # noqa: E731
+        wait_for(lambda: checkpoints() or proc.poll() is not None, 300, "the first checkpoint")
+        tracking.set_up_store()
+        run_id = checkpoints()[0].parents[2].name
+        wait_for(lambda: history(run_id) or proc.poll() is not None, 60, "the first epoch's metrics")
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "alexnet train: interrupted"
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "KILLED"
+    folder = checkpoints()[0].parent
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no .tmp left behind
+    last = checkpoint.load(folder / "last.pt")  # whole: its checksum matches
+    client = mlflow.MlflowClient()
+    for key in EXACT:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, last["epoch"] + 1)), key  # every logged epoch is resumable, once

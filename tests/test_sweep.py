@@ -252,6 +252,46 @@ lr = { low = 0.005, high = 0.05, log = true }
     assert f"retried as trial {retry.number}" in again.stderr
 
 
+def test_ctrl_c_ends_the_sweep_cleanly_and_queues_the_interrupted_trial(tmp_path):
+    """SIGINT to the launcher (a terminal's Ctrl-C) mid-trial: exit status 130; the trial is FAIL
+    (interrupted) with a WAITING copy of its params for the next command, nothing RUNNING; its MLflow run
+    and the parent run end KILLED."""
+    path = write_sweep(tmp_path, "ctrlc", """
+study = "ctrlc"
+n_trials = 2
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+""", epochs=50)
+    client, storage = stores(tmp_path)
+    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.3)
+            try:
+                trials = optuna.load_study(study_name="ctrlc", storage=storage).trials
+            except Exception:
+                continue
+            if trials and "mlflow_run_id" in trials[0].user_attrs:
+                break
+        else:
+            pytest.fail("trial 0 never started")
+        time.sleep(2)  # inside its first epochs
+        launcher.send_signal(signal.SIGINT)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    study = optuna.load_study(study_name="ctrlc", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    first, queued = study.trials
+    assert first.user_attrs["fail_reason"] == "interrupted" and queued.params == first.params
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+
 def test_a_killed_launcher_leaves_its_parent_run_stale_not_running(home, capsys):
     """kill -9 of the launcher (and its workers) once the parent run exists: MLflow still says RUNNING,
     `alexnet runs` says STALE, and --kill-stale ends it KILLED, naming the sweep command that resumes it."""
