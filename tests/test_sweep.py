@@ -196,9 +196,29 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
     assert parent.data.tags["confirm.verdict"] in out
 
 
-# --- kill -9 of a worker mid-trial, then the same command again ---
+# --- Ctrl-C, then kill -9 of a worker, then the same command again ---
 
-def test_a_killed_worker_trial_is_retried_and_the_study_completes_exactly(tmp_path):
+def wait_for_trial(storage: str, study: str, number: int, started_after: str = "") -> None:
+    """Until trial `number` is RUNNING in its own MLflow run (a retry inherits its original's run id)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).trials
+        except Exception:
+            continue
+        if len(trials) > number and trials[number].state.name == "RUNNING" \
+                and trials[number].user_attrs.get("mlflow_run_id", started_after) != started_after:
+            return
+    pytest.fail(f"trial {number} never started")
+
+
+def test_ctrl_c_then_kill_9_then_the_same_command_completes_exactly(tmp_path):
+    """One study of 1 trial, three commands. Ctrl-C (SIGINT to the launcher, as a terminal sends it)
+    mid-trial: exit 130, the trial FAIL (interrupted) and a WAITING copy of its params, nothing RUNNING,
+    its run and the parent KILLED. The next command runs the copy; kill -9 of its worker: exit 1, the
+    trial left RUNNING (nobody can tell yet). The same command again waits for the dead trial's heartbeat
+    to go stale, fails it and retries it with the same params: exactly 1 finished trial, one parent run."""
     path = write_sweep(tmp_path, "killed", """
 study = "killed"
 n_trials = 1
@@ -210,86 +230,57 @@ lr = { low = 0.005, high = 0.05, log = true }
 """)
     client, storage = stores(tmp_path)
     cmd = [sys.executable, "-m", "alexnet", "sweep", str(path)]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+
+    def launch():
+        return subprocess.Popen(cmd, cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    # Wait until trial 0 is training (its MLflow run exists), then SIGKILL its worker process.
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.3)
-        try:
-            trials = optuna.load_study(study_name="killed", storage=storage).trials
-        except Exception:
-            continue
-        if trials and trials[0].state.name == "RUNNING" and "mlflow_run_id" in trials[0].user_attrs:
-            break
-    else:
-        launcher.kill()
-        pytest.fail("trial 0 never started")
-    (worker,) = psutil.Process(launcher.pid).children()
-    assert "alexnet.sweep" in " ".join(worker.cmdline())
-    os.kill(worker.pid, signal.SIGKILL)
-    out, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 1 and "killed by SIGKILL" in err
-    study = optuna.load_study(study_name="killed", storage=storage)
-    assert study.trials[0].state.name == "RUNNING"  # nobody can tell yet: no heartbeat for < grace_seconds
-    killed_params = study.trials[0].params
-    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    study = optuna.load_study(study_name="killed", storage=storage)
-    # The second command waited for trial 0's heartbeat to go stale, failed it and ran its retry:
-    # exactly 1 finished trial, nothing left RUNNING or WAITING.
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
-    retry = study.trials[1]
-    assert retry.params == killed_params and retry.system_attrs["failed_trial"] == 0
-    runs = sweep_runs(client, "killed")
-    killed_run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
-    assert killed_run.info.status == "FAILED" and killed_run.data.tags["failure_reason"] == "worker_lost"
-    assert [r.info.status for r in runs["trial"]] == ["FAILED", "FINISHED"]
-    assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["sweep.retry_of"] == "0"
-    assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
-    assert f"retried as trial {retry.number}" in again.stderr
-
-
-def test_ctrl_c_ends_the_sweep_cleanly_and_queues_the_interrupted_trial(tmp_path):
-    """SIGINT to the launcher (a terminal's Ctrl-C) mid-trial: exit status 130; the trial is FAIL
-    (interrupted) with a WAITING copy of its params for the next command, nothing RUNNING; its MLflow run
-    and the parent run end KILLED."""
-    path = write_sweep(tmp_path, "ctrlc", """
-study = "ctrlc"
-n_trials = 2
-[space]
-lr = { low = 0.005, high = 0.05, log = true }
-""", epochs=50)
-    client, storage = stores(tmp_path)
-    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(tmp_path),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 1. Ctrl-C mid-trial.
+    launcher = launch()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            time.sleep(0.3)
-            try:
-                trials = optuna.load_study(study_name="ctrlc", storage=storage).trials
-            except Exception:
-                continue
-            if trials and "mlflow_run_id" in trials[0].user_attrs:
-                break
-        else:
-            pytest.fail("trial 0 never started")
-        time.sleep(2)  # inside its first epochs
+        wait_for_trial(storage, "killed", 0)
         launcher.send_signal(signal.SIGINT)
         out, err = launcher.communicate(timeout=120)
     finally:
         launcher.kill()
     assert launcher.returncode == 130, err
     assert "interrupted" in err and "run the same command again to resume" in err
-    study = optuna.load_study(study_name="ctrlc", storage=storage)
+    study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     first, queued = study.trials
     assert first.user_attrs["fail_reason"] == "interrupted" and queued.params == first.params
     assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+    # 2. The queued copy runs; kill -9 of its worker.
+    launcher = launch()
+    try:
+        wait_for_trial(storage, "killed", 1, started_after=first.user_attrs["mlflow_run_id"])
+        (worker,) = psutil.Process(launcher.pid).children()
+        assert "alexnet.sweep" in " ".join(worker.cmdline())
+        os.kill(worker.pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1 and "killed by SIGKILL" in err
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING"]
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+    # 3. The same command again.
+    again = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and "retried as trial 2" in again.stderr
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE"]  # the baseline not queued again
+    retry = study.trials[2]
+    assert retry.params == first.params and retry.system_attrs["retry_history"] == [0, 1]
+    runs = sweep_runs(client, "killed")
+    assert [r.info.status for r in runs["trial"]] == ["KILLED", "FAILED", "FINISHED"]
+    lost = client.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert lost.data.tags["failure_reason"] == "worker_lost" and lost.data.tags["sweep.retry_of"] == "0"
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["sweep.retry_of"] == "1"
+    assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
 
 
 def test_a_killed_launcher_leaves_its_parent_run_stale_not_running(home, capsys):
