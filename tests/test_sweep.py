@@ -71,7 +71,7 @@ def checkpoint_files(client, run) -> list:
     return [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
 
 
-# --- One mixed sweep, resumed: complete, pruned and diverged trials; retention; the parent run ---
+# --- One mixed sweep: complete, pruned and diverged trials; retention; the parent run ---
 
 MIXED = """
 study = "mixed"
@@ -82,6 +82,7 @@ pruner_warmup_epochs = 0
 keep_top = 1
 heartbeat_seconds = 1
 grace_seconds = 4
+enqueue_base = false
 
 [space]
 lr = { low = 0.001, high = 100.0, log = true }
@@ -91,22 +92,22 @@ dropout = { low = 0.0, high = 0.8 }
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """First command: 1 trial (the baseline, lr 0.01). Then three trials are queued by hand (lr 0.05:
-    completes; lr 50: diverges; lr 2: below the median after epoch 1, pruned) and the same command, now
-    for the file's 4 trials, resumes the study."""
+    """Four trials queued with Optuna's own API, then one command runs them: the baseline (lr 0.01,
+    marked as the sweep marks it), lr 0.05 (completes), lr 50 (diverges), lr 2 (below the median after
+    epoch 1: pruned). Resuming, and the sweep queueing its own baseline, are tested further down."""
     home = tmp_path_factory.mktemp("mixed")
     path = write_sweep(home, "mixed", MIXED)
-    first = sweep_cli(home, "sweep", path, "--n-trials", 1)
-    assert first.returncode == 0, first.stderr
     client, storage = stores(home)
-    study = optuna.load_study(study_name="mixed", storage=storage)
-    parent_after_first = study.user_attrs["mlflow_parent_run_id"]
+    (home / "mlruns").mkdir(exist_ok=True)
+    queued = optuna.create_study(study_name="mixed", storage=storage, direction="maximize")
+    queued.enqueue_trial({"lr": 0.01, "dropout": 0.5}, user_attrs={"baseline": True})
     for lr in (0.05, 50.0, 2.0):
-        study.enqueue_trial({"lr": lr, "dropout": 0.5})
-    second = sweep_cli(home, "sweep", path)
-    assert second.returncode == 0, second.stderr
-    return {"home": home, "path": path, "first": first, "second": second, "client": client,
-            "study": optuna.load_study(study_name="mixed", storage=storage), "parent": parent_after_first}
+        queued.enqueue_trial({"lr": lr, "dropout": 0.5})
+    result = sweep_cli(home, "sweep", path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="mixed", storage=storage)
+    return {"home": home, "path": path, "result": result, "client": client, "study": study,
+            "parent": study.user_attrs["mlflow_parent_run_id"]}
 
 
 def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixed):
@@ -114,11 +115,11 @@ def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixe
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     assert [t.params["lr"] for t in trials] == [0.01, 0.05, 50.0, 2.0]
-    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]  # enqueued once, not again on resume
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
 
     runs = sweep_runs(client, "mixed")
     (parent,) = runs["parent"]
-    assert parent.info.run_id == mixed["parent"] == study.user_attrs["mlflow_parent_run_id"]  # reused on resume
+    assert parent.info.run_id == mixed["parent"]
     assert parent.info.status == "FINISHED"
     children = runs["trial"]
     assert [r.data.tags["sweep.trial"] for r in children] == ["0", "1", "2", "3"]
@@ -133,13 +134,12 @@ def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixe
         assert float(r.data.params["lr"]) == trials[int(r.data.tags["sweep.trial"])].params["lr"]
         assert "test/acc" in r.data.metrics or r.data.tags.get("failure_reason") == "diverged"
 
-    # One line per finished trial, and the resume said so.
-    lines = mixed["second"].stderr
-    assert "resuming" in lines
-    for number, state in [(1, "COMPLETE"), (2, "FAIL"), (3, "PRUNED")]:
+    # One line per finished trial.
+    lines = mixed["result"].stderr
+    for number, state in [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "PRUNED")]:
         assert f"trial   {number} {state}" in lines
     assert "pruned at epoch 1" in lines and "diverged" in lines
-    assert f"best: trial {study.best_trial.number}" in mixed["second"].stdout
+    assert f"best: trial {study.best_trial.number}" in mixed["result"].stdout
 
 
 def test_a_diverging_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(mixed):
@@ -249,6 +249,7 @@ lr = { low = 0.005, high = 0.05, log = true }
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     first, queued = study.trials
     assert first.user_attrs["fail_reason"] == "interrupted" and queued.params == first.params
+    assert first.user_attrs["baseline"] and first.params == {"lr": 0.01}  # the sweep queued its base first
     assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
 
