@@ -90,12 +90,12 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     end = pd.to_datetime(raw.get("end_time", pd.Series(pd.NaT, index=raw.index)), utc=True)
     end = end.where(raw["status"] != "RUNNING", pd.Timestamp.now(tz="UTC"))  # running: so far
     board["duration_s"] = (end - start).dt.total_seconds().round(1)
-    tags = raw[[c for c in raw if c.startswith("tags.")]].rename(columns=lambda c: c[5:])
-    board["stale"] = [tracking.stale_reason(s, {k: v for k, v in t.items() if isinstance(v, str)}) or ""
-                      for s, t in zip(raw["status"], tags.to_dict("records"))]
+    tags = [{k[5:]: v for k, v in row.items() if isinstance(v, str)}
+            for row in raw[[c for c in raw if c.startswith("tags.")]].to_dict("records")]
+    board["stale"] = [tracking.stale_reason(s, t) or "" for s, t in zip(raw["status"], tags)]
     board.loc[board["stale"] != "", "status"] = "STALE"
     board["run_id"] = raw["run_id"]
-    board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags.to_dict("records"))]
+    board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags)]
     for name in NUMERIC:
         if name in board:
             board[name] = pd.to_numeric(board[name], errors="coerce")
@@ -129,7 +129,7 @@ def format_table(board) -> str:
 def resume_command(run_id: str, tags: dict) -> str:
     """What continues a stopped run: its sweep's command for a sweep's runs (the study retries the
     trial and reopens the parent), `alexnet train --resume` for the others."""
-    if tags.get("sweep.role") in ("parent", "trial") and isinstance(tags.get("experiment_file"), str):
+    if tags.get("sweep.role") in ("parent", "trial") and tags.get("experiment_file"):
         return f"alexnet sweep {tags['experiment_file']}"
     return f"alexnet train --resume {run_id}"
 

@@ -389,16 +389,16 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
         previous = run.data.tags
-        mlflow.set_tags({**process_tags(), **redact_tags(tags or {}), "resumes": str(int(previous.get("resumes", 0)) + 1),
+        mlflow.set_tags({**redact_tags(tags or {}), "resumes": str(int(previous.get("resumes", 0)) + 1),
                          "resumed_from_epoch": str(start["epoch"])})
     else:
         run = mlflow.start_run(experiment_id=experiment_id(cfg.experiment), run_name=cfg.run_name or None,
                                parent_run_id=parent_run_id, log_system_metrics=True,
-                               tags={**run_tags(cfg, source), **process_tags(), **redact_tags(tags or {})})
+                               tags={**run_tags(cfg, source), **redact_tags(tags or {})})
     run_id = run.info.run_id
+    stop_heartbeat = start_heartbeat(run_id)  # writes this process's tags (host, pid, heartbeat) at once
     result = TrackedRun(run_id)
     writer = checkpoint.Writer(run_id, run.info.artifact_uri)
-    stop_heartbeat = start_heartbeat(run_id)
 
     def wrap_up(curves: bool):
         """Stop the helpers; keep what can be kept, without hiding the error that ended the run."""
