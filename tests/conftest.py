@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,13 @@ def run_cli(*args, env=None, timeout=600):
     """`python -m alexnet ARGS` in a subprocess, from the repository root."""
     return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, timeout, what, every=0.05):
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 
 from alexnet import checkpoint, cli, runs, tracking
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
         "eval_batch_size=100", "seed=3"]
@@ -28,13 +27,9 @@ def history(run_id):
     return out
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def last_checkpoints(home) -> list:
+    """The `checkpoints/last.pt` files of every run in the home's store."""
+    return list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))
 
 
 @pytest.fixture
@@ -51,17 +46,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, capsys, tmp_path)
                              "--set", "run_name=killed"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         # Kill it once epoch 1's metrics are logged (after its checkpoint): it is then inside epoch 2.
-        checkpoints = lambda: list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))  # noqa: E731
-        wait_for(lambda: checkpoints() or proc.poll() is not None, 300, "the first checkpoint")
+        wait_for(lambda: last_checkpoints(home) or proc.poll() is not None, 300, "the first checkpoint")
         tracking.set_up_store()
-        logged = lambda: mlflow.MlflowClient().get_metric_history(checkpoints()[0].parents[2].name, "test/acc")  # noqa: E731
+        logged = lambda: mlflow.MlflowClient().get_metric_history(last_checkpoints(home)[0].parents[2].name, "test/acc")  # noqa: E731
         wait_for(lambda: logged() or proc.poll() is not None, 60, "the first epoch's metrics")
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-    run_id = checkpoints()[0].parents[2].name
+    run_id = last_checkpoints(home)[0].parents[2].name
 
     run = mlflow.get_run(run_id)
     assert run.info.status == "RUNNING"  # the dead process could not say otherwise
@@ -73,7 +67,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, capsys, tmp_path)
     assert '"status":"STALE"' in capsys.readouterr().out
 
     # A damaged checkpoint is refused before anything changes.
-    [last] = checkpoints()
+    [last] = last_checkpoints(home)
     good = last.read_bytes()
     last.write_bytes(good[:-10] + bytes(10))
     assert cli.main(["train", "--resume", run_id]) == 2
@@ -124,10 +118,9 @@ def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(store, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        checkpoints = lambda: list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))  # noqa: E731
-        wait_for(lambda: checkpoints() or proc.poll() is not None, 300, "the first checkpoint")
+        wait_for(lambda: last_checkpoints(home) or proc.poll() is not None, 300, "the first checkpoint")
         tracking.set_up_store()
-        run_id = checkpoints()[0].parents[2].name
+        run_id = last_checkpoints(home)[0].parents[2].name
         wait_for(lambda: history(run_id) or proc.poll() is not None, 60, "the first epoch's metrics")
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGINT)
@@ -138,7 +131,7 @@ def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(store, tmp_path):
     assert err.strip().splitlines()[-1] == "alexnet train: interrupted"
     run = mlflow.get_run(run_id)
     assert run.info.status == "KILLED"
-    folder = checkpoints()[0].parent
+    folder = last_checkpoints(home)[0].parent
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no .tmp left behind
     last = checkpoint.load(folder / "last.pt")  # whole: its checksum matches
     client = mlflow.MlflowClient()

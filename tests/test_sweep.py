@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,7 +21,7 @@ import pytest
 
 from alexnet import UsageError, cli
 from alexnet.sweep import load_sweep
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 TINY = """
 [set]
@@ -200,17 +199,15 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
 
 def wait_for_trial(storage: str, study: str, number: int, started_after: str = "") -> None:
     """Until trial `number` is RUNNING in its own MLflow run (a retry inherits its original's run id)."""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.3)
+    def running():
         try:
             trials = optuna.load_study(study_name=study, storage=storage).trials
-        except Exception:
-            continue
-        if len(trials) > number and trials[number].state.name == "RUNNING" \
-                and trials[number].user_attrs.get("mlflow_run_id", started_after) != started_after:
-            return
-    pytest.fail(f"trial {number} never started")
+        except Exception:  # the launcher is still creating the storage
+            return False
+        return len(trials) > number and trials[number].state.name == "RUNNING" \
+            and trials[number].user_attrs.get("mlflow_run_id", started_after) != started_after
+
+    wait_for(running, 120, f"trial {number} to start", every=0.3)
 
 
 def test_ctrl_c_then_kill_9_then_the_same_command_completes_exactly(tmp_path):
@@ -296,19 +293,15 @@ lr = { low = 0.005, high = 0.05, log = true }
     client, storage = stores(home)
     launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path)], cwd=ROOT, env=env_for(home),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def parent_tagged():  # the study names its parent run once both stores are set up; the launcher then tags it
+        try:
+            parent_id = optuna.load_study(study_name="orphan", storage=storage).user_attrs["mlflow_parent_run_id"]
+            return "pid" in client.get_run(parent_id).data.tags
+        except Exception:
+            return False
+
     try:
-        # The study names its parent run once both stores are set up; the launcher then tags it.
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            time.sleep(0.2)
-            try:
-                parent_id = optuna.load_study(study_name="orphan", storage=storage).user_attrs["mlflow_parent_run_id"]
-                if "pid" in client.get_run(parent_id).data.tags:
-                    break
-            except Exception:
-                continue
-        else:
-            pytest.fail("the parent run never got the launcher's pid")
+        wait_for(parent_tagged, 120, "the launcher's pid on the parent run", every=0.2)
         workers = psutil.Process(launcher.pid).children()
     finally:
         launcher.kill()
