@@ -214,7 +214,10 @@ def _compile_warmup(compiled, model, inputs, device, amp_dtype) -> float:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for training, x in inputs:
             model.train(training)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            # Grad mode is part of the compiled graph's guards: evaluation runs under no_grad, so its
+            # graphs are compiled under no_grad too, or the first evaluation would compile them again.
+            with torch.set_grad_enabled(training), \
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = compiled(x)
             if training:
                 out.float().sum().backward()

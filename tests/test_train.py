@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from alexnet.config import load_config
 from alexnet.train import train
 from conftest import ROOT
@@ -43,3 +45,30 @@ def test_a_short_real_data_run_learns():
     cfg = load_config(ROOT / "experiments" / "smoke.toml", ["train_limit=2048", "batch_size=16", "test_limit=1000"])
     last = list(train(cfg, progress=False))[-1]
     assert last.epoch == 2 and last.test_acc >= 0.40, last
+
+
+def test_compiled_training_compiles_only_before_the_clock_starts(monkeypatch):
+    """With `compile = true` every graph (training and evaluation, full and short batches) is
+    compiled in the warm-up that `compile_seconds` reports; the epochs then compile nothing more.
+    An evaluation graph warmed up with gradients on is compiled a second time under `no_grad`."""
+    from torch._dynamo.utils import counters
+
+    import alexnet.train as train_module
+
+    torch._dynamo.reset()
+    after_warmup = {}
+    warmup = train_module._compile_warmup
+
+    def counting_warmup(*args):
+        seconds = warmup(*args)
+        after_warmup["graphs"] = counters["stats"]["unique_graphs"]
+        return seconds
+
+    monkeypatch.setattr(train_module, "_compile_warmup", counting_warmup)
+    # Whole batches only (a short last batch would add a graph each, and only time).
+    cfg = load_config(None, ["resize=67", "train_limit=80", "test_limit=50", "batch_size=40", "eval_batch_size=50",
+                             "epochs=2", "compile=true"])
+    records = list(train(cfg, progress=False))
+    assert records[0].compile_seconds > 0 and records[1].compile_seconds == 0
+    assert after_warmup["graphs"] >= 1
+    assert counters["stats"]["unique_graphs"] == after_warmup["graphs"]
