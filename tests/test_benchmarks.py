@@ -61,7 +61,7 @@ def test_throughput_prints_both_pipelines_and_writes_a_full_record(tmp_path, no_
                                 "compile": False, "eval_batch_size": 16, "sync_each_step": True, "num_workers": 4}
     assert fast["switches"]["precision"] == "fp32" and not fast["switches"]["channels_last"]
     assert not fast["switches"]["fused_sgd"] and not fast["switches"]["sync_each_step"]
-    assert fast["switches"]["eval_batch_size"] == 1024 and fast["switches"]["num_workers"] == 0
+    assert fast["switches"]["eval_batch_size"] == 1000 and fast["switches"]["num_workers"] == 0
     forward = flops_per_image(67)
     for p in (book, fast):
         assert [e["epoch"] for e in p["epochs"]] == [1, 2] and p["epochs_timed"] == 1

@@ -35,7 +35,7 @@ def test_speed_switches_apply_only_on_the_fast_pipeline_and_cuda_only_where_they
                     "compile": False, "eval_batch_size": 128, "sync_each_step": True, "num_workers": 4}
     fast_cpu = speed_switches(Config(), cpu)
     assert (fast_cpu["precision"], fast_cpu["channels_last"], fast_cpu["fused_sgd"]) == ("fp32", False, False)
-    assert (fast_cpu["sync_each_step"], fast_cpu["eval_batch_size"], fast_cpu["num_workers"]) == (False, 1024, 0)
+    assert (fast_cpu["sync_each_step"], fast_cpu["eval_batch_size"], fast_cpu["num_workers"]) == (False, 1000, 0)
     # On CUDA (the capability is all the decision reads): bf16 only where it is native (Ampere on).
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     h100 = speed_switches(Config(), cuda)
