@@ -98,8 +98,13 @@ def test_checkpoints_and_model_read_back(tracked):
         assert torch.allclose(loaded(x), reference(x), atol=1e-5)
     info = mlflow.models.get_model_info(logged.model_uri)
     assert info.signature is not None and info.saved_input_example_info is not None
-    pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+    pyfunc = mlflow.pyfunc.load_model(logged.model_uri, model_config={"device": "cpu"})  # as on a GPU machine
     assert pyfunc.predict(x.numpy()).shape == (3, 10)
+    # The saved input example predicts (MLflow's own check, which logging skips to save a reload).
+    local = mlflow.artifacts.download_artifacts(logged.model_uri)
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert example.shape == (2, 1, cfg.resize, cfg.resize)
+    assert pyfunc.predict(example).shape == (2, 10)
 
 
 def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
