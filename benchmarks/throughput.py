@@ -7,7 +7,7 @@ same state and any drift in the machine's speed hits them alike. Two modes:
   throughput (default): one warm-up epoch each (data loading, worker start-up, cuDNN autotuning,
     compilation), then --rounds timed epochs each of --steps steps, evaluation included.
   --full: the whole baseline (10 epochs, evaluations included, nothing excluded but torch.compile's
-    one-time compilation), with the issue's targets checked: on an H100 or H200 the fast pipeline
+    one-time compilation), with the project's targets checked: on an H100 or H200 the fast pipeline
     in <= 30 s of wall time, >= 5x the book's end-to-end examples/s, test accuracy 0.88 +/- 0.01 on both.
 
   python benchmarks/throughput.py                  # the chapter's settings: resize 224, batch 128, full epochs
@@ -56,7 +56,7 @@ VARIANTS = {
     "fast-fp32": {"pipeline": "fast", "precision": "fp32"},  # the fast pipeline in the chapter's arithmetic
 }
 FULL_TRAIN, FULL_TEST = 60_000, 10_000
-TARGET_GPUS = ("H100", "H200")  # the issue's targets are set for these
+TARGET_GPUS = ("H100", "H200")  # the targets are set for these
 TARGET_WALL_SECONDS, TARGET_ACC, TARGET_ACC_TOL = 30.0, 0.88, 0.01
 
 
@@ -159,7 +159,7 @@ def full_run_figures(epochs: list[tuple]) -> dict:
 
 
 def check_targets(result: dict, device_label: str, full: bool) -> dict:
-    """The issue's targets, each {value, limit, met}; `applies` says whether this device is one they
+    """The targets, each {value, limit, met}; `applies` says whether this device is one they
     were set for (H100/H200 on CUDA; the CPU has its own: fast no slower than book)."""
     cpu = result["device"]["type"] == "cpu"
     targets = {"applies": cpu or any(g in device_label for g in TARGET_GPUS)}

@@ -8,13 +8,12 @@ to a temporary local store (SQLite + files), deleted afterwards unless --keep.
 
 One untimed warm-up of each comes first (imports, the data cache, torch.export's first call); then
 --rounds rounds, each running both, in alternating order so drift in the machine's speed hits both
-alike. Printed: each timing, the ratio tracked/plain of the summed wall times (the issue's target:
+alike. Printed: each timing, the ratio tracked/plain of the summed wall times (the target:
 <= 1.03), and where the difference goes: training itself (summed epoch times: the background writer
 competes for the same cores on a CPU) and the per-run fixed costs (run set-up, curves, model logging).
 
   python benchmarks/tracking_overhead.py                                   # CPU-sized (see DEFAULT)
-  python benchmarks/tracking_overhead.py --set resize=224 --set train_limit=0 --set test_limit=0 \
-      --set epochs=10 --set batch_size=128 --rounds 2                      # the chapter's baseline, on a GPU
+  python benchmarks/tracking_overhead.py --baseline                         # the chapter's baseline, on a GPU
 """
 
 from __future__ import annotations
@@ -56,11 +55,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config field (defaults here: {' '.join(DEFAULT)})")
+    parser.add_argument("--baseline", action="store_true",
+                        help="the chapter's baseline (the config's defaults: resize 224, all data, 10 epochs) instead")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, each running both (default: 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
 
+    started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     home = Path(tempfile.mkdtemp(prefix="alexnet-tracking-bench-"))
     os.environ["ALEXNET_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the local store: SQLite + artifact files
@@ -69,8 +71,9 @@ def main(argv=None) -> int:
     from alexnet.config import load_config
     from alexnet.train import resolve_device
 
+    base = [] if args.baseline else DEFAULT
     try:
-        cfg = load_config(None, DEFAULT + args.sets)
+        cfg = load_config(None, base + args.sets)
     except UsageError as e:
         print(f"tracking_overhead: error: {e}", file=sys.stderr)
         return 2
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
           f"{cfg.test_limit or 10000} test images, batch {cfg.batch_size}, {cfg.epochs} epochs; "
           f"{args.rounds} rounds; store {tracking.tracking_uri()}", flush=True)
     try:
-        warm = load_config(None, DEFAULT + args.sets + ["epochs=1"])
+        warm = load_config(None, base + args.sets + ["epochs=1"])
         t_plain, _ = run_plain(warm)
         t_tracked, _ = run_tracked(warm)
         print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
                 seconds, records = fn(cfg)
                 epochs = sum(r.epoch_seconds for r in records)
                 rows.append({"round": i + 1, "kind": kind, "seconds": seconds, "epoch_seconds": epochs,
-                             "test_acc": records[-1].test_acc})
+                             "test_acc": records[-1].test_acc, "each_epoch": [r.epoch_seconds for r in records]})
                 print(f"round {i + 1} {kind:>7}: {seconds:7.2f} s wall, {epochs:7.2f} s in epochs, "
                       f"test acc {records[-1].test_acc:.3f}", flush=True)
 
@@ -107,7 +110,18 @@ def main(argv=None) -> int:
               f"(background checkpoint writes of {ckpt / 1e6:.0f} MB share the machine)")
         print(f"  outside the epochs, per run: +{per_run:.2f} s (run set-up, metrics, curves PNG, model logging)")
         if args.json:
-            record = {"device": str(device), "config": asdict(cfg),
+            import platform
+
+            import mlflow
+            import torch
+
+            from alexnet import perf
+
+            record = {"timestamp": started, "host": platform.node(), "command": " ".join(sys.argv),
+                      "device": str(device), "device_name": perf.device_name(device),
+                      "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                   "mlflow": mlflow.__version__},
+                      "config": asdict(cfg),
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
                       "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
