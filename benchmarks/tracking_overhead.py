@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    started = datetime.now(timezone.utc)
     home = Path(tempfile.mkdtemp(prefix="alexnet-tracking-bench-"))
     os.environ["ALEXNET_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the local store: SQLite + artifact files
@@ -113,15 +114,13 @@ def main(argv=None) -> int:
             import platform
 
             import mlflow
-            import torch
 
-            from alexnet import perf
+            from benchmarks.throughput import environment  # the same machine description as its records
 
-            record = {"timestamp": started, "host": platform.node(), "command": " ".join(sys.argv),
-                      "device": str(device), "device_name": perf.device_name(device),
-                      "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                   "mlflow": mlflow.__version__},
-                      "config": asdict(cfg),
+            env = environment(device)
+            env["versions"]["mlflow"] = mlflow.__version__
+            record = {"timestamp": started.isoformat(timespec="seconds"), "host": platform.node(),
+                      "command": " ".join(sys.argv), **env, "config": asdict(cfg),
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
                       "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
