@@ -74,18 +74,27 @@ def to_host(tree: dict, ready: torch.cuda.Event | None = None) -> dict:
         return _map(lambda t: t.to("cpu"), tree)  # blocking copies: done when this returns
 
 
-class _Hashing:
-    """A write-only file wrapper that hashes what passes through it (one pass over the bytes)."""
+class _HashingFile:
+    """The file object `torch.save` writes through: it hashes what passes (one pass over the bytes)
+    and writes it on. A write error (a full disk) is kept, not raised, and `save` raises it once
+    torch is done: raised under torch's zip writer, it would turn into an unrelated error ("unexpected
+    pos"), and the writer's C++ destructor can then abort the whole process (SIGABRT), taking the
+    run's end with it."""
 
     def __init__(self, fh):
-        self.fh, self.sha = fh, hashlib.sha256()
+        self.fh, self.sha, self.error = fh, hashlib.sha256(), None
 
     def write(self, data):
-        self.sha.update(data)
-        return self.fh.write(data)
+        if self.error is None:
+            try:
+                self.sha.update(data)
+                self.fh.write(data)
+            except OSError as e:
+                self.error = e
+        return memoryview(data).nbytes
 
     def flush(self):
-        self.fh.flush()
+        pass
 
 
 def save(state: dict, path: str | Path) -> str:
@@ -95,8 +104,10 @@ def save(state: dict, path: str | Path) -> str:
     try:
         with open(tmp, "wb") as fh:
             fh.write(b"\0" * HEADER_BYTES)  # the header is filled in once the digest is known
-            hashing = _Hashing(fh)
+            hashing = _HashingFile(fh)
             torch.save(state, hashing)
+            if hashing.error is not None:
+                raise hashing.error
             digest = hashing.sha.hexdigest()
             fh.seek(0)
             fh.write(MAGIC + digest.encode() + b"\n")
@@ -253,7 +264,8 @@ class Writer:
     def _raise(self):
         if self.error is not None:
             error, self.error = self.error, None
-            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+            kind = OSError if isinstance(error, OSError) else RuntimeError  # a full disk stays an OSError
+            raise kind(f"writing a checkpoint failed: {error}") from error
 
     def close(self):
         """Write what is waiting, run the callbacks, stop the thread, raise its error."""

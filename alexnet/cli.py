@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's trouble (a full disk, a permission), not the code's: one line
+        print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"alexnet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """torch.compile's kernel cache (hundreds of MB) goes to the session's temp folder, which is
+    removed when the suite passes, not to /tmp/torchinductor_<user>, which nothing removes."""
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
+    yield
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if saved is None else os.environ.__setitem__("TORCHINDUCTOR_CACHE_DIR", saved)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A throw-away project home: MLflow and Optuna stores go to tmp_path/mlruns, never the repo's."""

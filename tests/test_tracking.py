@@ -15,6 +15,7 @@ import torch
 from alexnet import UsageError, checkpoint, cli, runs, tracking
 from alexnet.config import Config, to_toml
 from alexnet.model import alexnet
+from conftest import ROOT
 
 TINY = dict(resize=67, lr=0.05, epochs=2, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
 CURVE_KEYS = ["train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
@@ -243,9 +244,44 @@ def test_writer_raises_a_failed_write(tmp_path):
     blocker.write_text("a file where the run's artifact folder should be")
     writer = checkpoint.Writer("r", blocker.as_uri())
     writer.submit(["last"], {"w": torch.zeros(3)})
-    with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
+    with pytest.raises(OSError, match="writing a checkpoint failed"):
         writer.close()
     assert blocker.read_text().startswith("a file")
+
+
+def test_a_full_disk_ends_the_run_failed_in_one_line(store):
+    """A checkpoint that cannot be written (a file-size limit stands in for a full disk: writes past
+    it fail with EFBIG, as they fail with ENOSPC on a full disk) ends the run FAILED with the reason,
+    and `alexnet train` exits 1 with one line. When a write under torch's zip writer fails, the writer
+    raises its own unrelated error, and can abort the process from a destructor (SIGABRT, exit 134)."""
+    import resource
+    import signal
+
+    from alexnet import data
+
+    data.prepare()  # the dataset cache is written here, before the limit
+    limit = 8 << 20  # the SQLite store stays under it; the tiny run's checkpoint (about 19 MB) does not
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    overrides = [f"--set={k}={v}" for k, v in TINY.items()]
+    proc = subprocess.run([sys.executable, "-m", "alexnet", "train", "experiments/smoke.toml", *overrides,
+                           "--set=run_name=full-disk", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("alexnet train: error: writing a checkpoint failed") and "File too large" in last
+    assert "Traceback" not in proc.stderr
+    tracking.set_up_store()
+    [run] = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'full-disk'",
+                               output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "OSError" and "File too large" in run.data.tags["failure"]
+    assert run.data.params["resize"] == "67"  # what was recorded before the failure is kept
+    folder = checkpoint.local_artifact_dir(run.info.artifact_uri) / "checkpoints"
+    assert not list(folder.glob("*"))  # no half-written checkpoint, under its name or a temporary one
 
 
 def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path, monkeypatch):
@@ -281,6 +317,6 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     events.clear()
     writer = checkpoint.Writer("r", blocker.as_uri())
     writer.submit(["last"], {"epoch": torch.tensor(1)}, then=lambda: events.append(("logged", 1)))
-    with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
+    with pytest.raises(OSError, match="writing a checkpoint failed"):
         writer.close()
     assert events == []  # no metric for a state that could not be saved
