@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def inductor_cache(tmp_path_factory):
     """torch.compile's kernel cache (hundreds of MB) goes to the session's temp folder, which is
-    removed when the suite passes, not to /tmp/torchinductor_<user>, which nothing removes."""
+    removed when the suite passes, not to /tmp/torchinductor_<user>, which nothing removes. (Only its
+    precompiled headers, about 150 MB, written once and reused, still go there: torch fixes that path
+    at import.)"""
     saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
     yield
