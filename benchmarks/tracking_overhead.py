@@ -12,8 +12,14 @@ alike. Printed: each timing, the ratio tracked/plain of the summed wall times (t
 <= 1.03), and where the difference goes: training itself (summed epoch times: the background writer
 competes for the same cores on a CPU) and the per-run fixed costs (run set-up, curves, model logging).
 
+--breakdown adds two tracked variants to each round, to say where the per-epoch cost goes:
+"no-write" copies each checkpoint to the host but neither serializes nor writes it, and
+"metrics-only" does not copy it to the host either (the on-device snapshot stays). So tracked minus
+no-write is serializing, hashing and writing the files; no-write minus metrics-only is the copy to
+the host; metrics-only minus plain is MLflow itself (metrics, heartbeat, system metrics).
+
   python benchmarks/tracking_overhead.py                                   # CPU-sized (see DEFAULT)
-  python benchmarks/tracking_overhead.py --baseline                         # the chapter's baseline, on a GPU
+  python benchmarks/tracking_overhead.py --baseline --breakdown             # the chapter's baseline, on a GPU
 """
 
 from __future__ import annotations
@@ -44,12 +50,27 @@ def run_plain(cfg):
     return time.perf_counter() - t0, records
 
 
-def run_tracked(cfg):
-    from alexnet import tracking
+def run_tracked(cfg, skip=()):
+    """`tracked_train(cfg)`; `skip` names checkpoint steps the background writer leaves out this once:
+    "write" (serializing, hashing, writing the files) and "host" (the copy to the host)."""
+    from alexnet import checkpoint, tracking
 
-    t0 = time.perf_counter()
-    run = tracking.tracked_train(cfg, progress=False)
-    return time.perf_counter() - t0, run.records
+    saved = checkpoint.publish, checkpoint.to_host
+    if "write" in skip:
+        checkpoint.publish = lambda state, names, run_id, artifact_uri: None
+    if "host" in skip:
+        checkpoint.to_host = lambda tree, ready=None: tree
+    try:
+        t0 = time.perf_counter()
+        run = tracking.tracked_train(cfg, progress=False)
+        return time.perf_counter() - t0, run.records
+    finally:
+        checkpoint.publish, checkpoint.to_host = saved
+
+
+KINDS = {"plain": run_plain, "tracked": run_tracked,
+         "no-write": lambda cfg: run_tracked(cfg, skip=("write",)),
+         "metrics-only": lambda cfg: run_tracked(cfg, skip=("write", "host"))}
 
 
 def main(argv=None) -> int:
@@ -59,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true",
                         help="the chapter's baseline (the config's defaults: resize 224, all data, 10 epochs) instead")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, each running both (default: 2)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also run the tracked variants no-write and metrics-only (see above)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -88,19 +111,19 @@ def main(argv=None) -> int:
         t_tracked, _ = run_tracked(warm)
         print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
 
+        kinds = list(KINDS) if args.breakdown else ["plain", "tracked"]
         rows = []
         for i in range(args.rounds):
-            order = [("plain", run_plain), ("tracked", run_tracked)]
-            for kind, fn in order if i % 2 == 0 else order[::-1]:
-                seconds, records = fn(cfg)
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                seconds, records = KINDS[kind](cfg)
                 epochs = sum(r.epoch_seconds for r in records)
                 rows.append({"round": i + 1, "kind": kind, "seconds": seconds, "epoch_seconds": epochs,
                              "test_acc": records[-1].test_acc, "each_epoch": [r.epoch_seconds for r in records]})
-                print(f"round {i + 1} {kind:>7}: {seconds:7.2f} s wall, {epochs:7.2f} s in epochs, "
+                print(f"round {i + 1} {kind:>12}: {seconds:7.2f} s wall, {epochs:7.2f} s in epochs, "
                       f"test acc {records[-1].test_acc:.3f}", flush=True)
 
-        total = {k: sum(r["seconds"] for r in rows if r["kind"] == k) for k in ("plain", "tracked")}
-        in_epochs = {k: sum(r["epoch_seconds"] for r in rows if r["kind"] == k) for k in ("plain", "tracked")}
+        total = {k: sum(r["seconds"] for r in rows if r["kind"] == k) for k in kinds}
+        in_epochs = {k: sum(r["epoch_seconds"] for r in rows if r["kind"] == k) for k in kinds}
         outside = {k: total[k] - in_epochs[k] for k in total}
         ratio = total["tracked"] / total["plain"]
         per_run = (outside["tracked"] - outside["plain"]) / args.rounds
@@ -110,6 +133,16 @@ def main(argv=None) -> int:
         print(f"  training itself (sum of epoch times): {in_epochs['tracked'] / in_epochs['plain']:.3f}x "
               f"(background checkpoint writes of {ckpt / 1e6:.0f} MB share the machine)")
         print(f"  outside the epochs, per run: +{per_run:.2f} s (run set-up, metrics, curves PNG, model logging)")
+        # An epoch's checkpoint is written while the next epoch trains: the epochs after the first carry it.
+        later = {k: sum(sum(r["each_epoch"][1:]) for r in rows if r["kind"] == k) for k in kinds}
+        per_epoch = {k: later[k] / max(1, args.rounds * (cfg.epochs - 1)) for k in kinds}
+        if args.breakdown and cfg.epochs > 1:
+            print("  per epoch after the first, where the cost goes:")
+            for what, a, b in (("serializing, hashing, writing the files", "tracked", "no-write"),
+                               ("copying the checkpoint to the host", "no-write", "metrics-only"),
+                               ("MLflow (metrics, heartbeat, system metrics)", "metrics-only", "plain")):
+                print(f"    {what:<44} ({a} - {b}): {per_epoch[a] - per_epoch[b]:+.3f} s "
+                      f"({(per_epoch[a] - per_epoch[b]) / per_epoch['plain'] * 100:+.1f}%)")
         if args.json:
             import platform
 
@@ -122,6 +155,7 @@ def main(argv=None) -> int:
             record = {"timestamp": started.isoformat(timespec="seconds"), "host": platform.node(),
                       "command": " ".join(sys.argv), **env, "config": asdict(cfg),
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
+                      "later_epoch_seconds": per_epoch,
                       "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     finally:

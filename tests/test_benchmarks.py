@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,36 @@ def test_bad_options_are_one_line_and_exit_2_without_a_record(tmp_path, capsys):
     assert throughput.main(["--device", "cpu", "--set", "lr=-1", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("throughput: config: lr = -1.0 is out of range")
     assert not out.exists()
+
+
+def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
+    """benchmarks/tracking_overhead.py --breakdown runs plain, tracked, no-write and metrics-only: the
+    same training in each (tracking never touches the math), checkpoints only where they are meant to
+    be written, and the per-epoch cost split into its three steps."""
+    out = tmp_path / "tracking.json"
+    tiny = ["resize=67", "epochs=2", "train_limit=128", "test_limit=64", "batch_size=32", "eval_batch_size=64"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tracking_overhead.py"), "--rounds", "1",
+                             "--breakdown", "--keep", "--json", str(out), *[f"--set={s}" for s in tiny]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("tracked / plain wall time: ") for line in lines)
+    for step in ("(tracked - no-write)", "(no-write - metrics-only)", "(metrics-only - plain)"):
+        assert sum(step in line for line in lines) == 1, result.stdout
+    store = next(line.split(": ", 1)[1] for line in lines if line.startswith("store kept: "))
+
+    record = json.loads(out.read_text())
+    rows = record["rounds"]
+    assert [r["kind"] for r in rows] == ["plain", "tracked", "no-write", "metrics-only"]
+    assert len({r["test_acc"] for r in rows}) == 1  # one seed, one CPU: the same training in every variant
+    assert all(len(r["each_epoch"]) == 2 for r in rows)
+    assert set(record["later_epoch_seconds"]) == {"plain", "tracked", "no-write", "metrics-only"}
+    assert record["checkpoint_bytes"] > 1e6 and record["config"]["resize"] == 67
+
+    # The warm-up's tracked run and the round's tracked run wrote checkpoints; the two variants wrote none.
+    import shutil
+
+    runs = sorted(Path(store).glob("artifacts/*/artifacts"))
+    with_checkpoints = [r for r in runs if (r / "checkpoints" / "last.pt").is_file()]
+    assert len(runs) == 4 and len(with_checkpoints) == 2
+    shutil.rmtree(Path(store).parent)
