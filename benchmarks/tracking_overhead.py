@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true",
                         help="the chapter's baseline (the config's defaults: resize 224, all data, 10 epochs) instead")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, each running both (default: 2)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed 1-epoch run of each first (default: on; off only for smoke tests)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also run the tracked variants no-write and metrics-only (see above)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
@@ -106,10 +108,11 @@ def main(argv=None) -> int:
           f"{cfg.test_limit or 10000} test images, batch {cfg.batch_size}, {cfg.epochs} epochs; "
           f"{args.rounds} rounds; store {tracking.tracking_uri()}", flush=True)
     try:
-        warm = load_config(None, base + args.sets + ["epochs=1"])
-        t_plain, _ = run_plain(warm)
-        t_tracked, _ = run_tracked(warm)
-        print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
+        if args.warm_up:
+            warm = load_config(None, base + args.sets + ["epochs=1"])
+            t_plain, _ = run_plain(warm)
+            t_tracked, _ = run_tracked(warm)
+            print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
 
         kinds = list(KINDS) if args.breakdown else ["plain", "tracked"]
         rows = []
