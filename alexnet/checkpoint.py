@@ -97,9 +97,36 @@ class _HashingFile:
         pass
 
 
+def tensor_bytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(tree))
+
+
+def check_room(folder: str | Path, nbytes: int, what: str) -> None:
+    """Raise OSError unless a file of `nbytes` fits in `folder`: the disk's free space and the process's
+    file-size limit (`ulimit -f`). When a write fails under torch's zip writer (`torch.save`, and
+    `torch.export` inside MLflow's `log_model`), the writer can abort the process from its C++
+    destructor, so a file that cannot fit is refused before torch starts it."""
+    import errno
+    import resource
+
+    needed = nbytes + (1 << 20)  # the archive's headers and pickled structure
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:  # the folder the file's own will be made in
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs {needed / 1e6:,.0f} MB, "
+                                    f"{folder} has {free / 1e6:,.0f} MB free")
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        raise OSError(errno.EFBIG, f"File too large: {what} needs {needed / 1e6:,.0f} MB, files may have at most "
+                                   f"{limit / 1e6:,.0f} MB here (ulimit -f)")
+
+
 def save(state: dict, path: str | Path) -> str:
     """Write `state` (CPU tensors) to `path` atomically; return its sha256."""
     path = Path(path)
+    check_room(path.parent, tensor_bytes(state), "a checkpoint")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as fh:

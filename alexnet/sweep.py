@@ -556,7 +556,11 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
 
         def func(trial):
             current["id"] = trial._trial_id
-            return objective(trial, sweep, parent, slot, release)
+            try:
+                return objective(trial, sweep, parent, slot, release)
+            except OSError as e:
+                current["disk_full"] = disk_full(e)
+                raise
 
         try:
             step = next_step(study, sweep, deadline)
@@ -570,6 +574,12 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
                         if frozen.state.is_finished():
                             RetryHeartbeatStaleTrialCallback()(study, frozen)
                     raise
+                if current.get("disk_full"):
+                    # Every trial would fail the same way: queue this one again and stop the worker.
+                    frozen = study._storage.get_trial(current["id"])
+                    RetryHeartbeatStaleTrialCallback()(study, frozen)
+                    raise UsageError(f"trial {frozen.number} failed: {current['disk_full']}: the disk takes no more; "
+                                     f"free space, then run the same command: the trial runs again")
         finally:
             release()
         if step == "stop":
@@ -582,6 +592,20 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
         except Exception as e:  # disk is reclaimed at the next trial or in the summary; the sweep goes on
             print(f"alexnet sweep: worker {slot}: deleting old checkpoints failed ({type(e).__name__}: {e})",
                   file=sys.stderr)
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The OSError behind `error` that says the disk takes no more (full, over quota, over the file
+    size limit), else None."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def interrupt(*_):

@@ -276,6 +276,13 @@ def log_model(cfg: Config, model_state: dict) -> str:
     from alexnet import data
     from alexnet.model import alexnet
 
+    import tempfile
+
+    from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
+
+    # MLflow writes the model to a temporary folder, then copies it into the store.
+    for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(mlflow.get_artifact_uri())]):
+        check_room(folder, tensor_bytes(model_state), "the model")
     model = alexnet(cfg.dropout, cfg.resize)
     model.load_state_dict(model_state)
     model.eval()

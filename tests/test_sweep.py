@@ -352,6 +352,48 @@ dropout = { low = 0.0, high = 0.8 }
     assert min(value[r.data.tags["sweep.trial"]] for r in kept) >= max(value[r.data.tags["sweep.trial"]] for r in dropped)
 
 
+def test_a_full_disk_stops_the_sweep_and_the_same_command_reruns_the_trial(tmp_path):
+    """A trial whose checkpoint cannot be written (a file-size limit stands in for a full disk) fails,
+    is queued again and stops its worker with one line, instead of every later trial failing the same
+    way; once there is room, the same command runs it again and completes the count."""
+    import resource
+
+    path = write_sweep(tmp_path, "full", """
+study = "full"
+n_trials = 1
+pruner = "none"
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+""", epochs=1)
+    limit = 8 << 20  # the stores stay under it; a trial's checkpoint (about 19 MB) does not
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "alexnet", "sweep", str(path), "--quiet"], cwd=ROOT,
+                            env=env_for(tmp_path), capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert line.startswith("alexnet sweep: worker 0: error: trial 0 failed: ")
+    assert "File too large" in line and "run the same command" in line
+    assert "Traceback" not in result.stderr
+    client, storage = stores(tmp_path)
+    study = optuna.load_study(study_name="full", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].system_attrs["retry_history"] == [0]
+    [run] = sweep_runs(client, "full")["trial"]
+    assert run.info.status == "FAILED" and run.data.tags["sweep.state"] == "FAIL"
+    assert client.get_run(sweep_runs(client, "full")["parent"][0].info.run_id).info.status == "KILLED"
+
+    result = sweep_cli(tmp_path, "sweep", path, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="full", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params
+
+
 # --- bad sweep files ---
 
 BAD = [

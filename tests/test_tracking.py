@@ -249,11 +249,47 @@ def test_writer_raises_a_failed_write(tmp_path):
     assert blocker.read_text().startswith("a file")
 
 
+def test_a_write_that_fails_inside_torch_save_is_an_oserror_not_an_abort(tmp_path):
+    """When the disk fills while `torch.save` is writing (here a file-size limit; the check for room
+    beforehand is switched off), `save` raises the write's own OSError, leaves no file behind, and the
+    process goes on: raised under torch's zip writer, the error would come out as "unexpected pos" and
+    can abort the process."""
+    script = f"""
+import errno, resource, signal, sys, torch
+from pathlib import Path
+from alexnet import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+checkpoint.check_room = lambda *args: None
+try:
+    checkpoint.save({{"w": torch.ones(1 << 20)}}, Path(sys.argv[1]) / "last.pt")
+except OSError as e:
+    print("OSError", errno.errorcode[e.errno])
+print("alive")
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["OSError", "EFBIG", "alive"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_or_model_that_cannot_fit_is_refused_before_torch_writes_it(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    checkpoint.check_room(tmp_path, 10**6, "a checkpoint")  # fits
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(OSError, match=r"No space left on device: a checkpoint needs 2 MB, .* has 1 MB free") as e:
+        checkpoint.check_room(tmp_path / "not" / "made" / "yet", 10**6, "a checkpoint")
+    assert e.value.errno == errno.ENOSPC
+
+
 def test_a_full_disk_ends_the_run_failed_in_one_line(store):
     """A checkpoint that cannot be written (a file-size limit stands in for a full disk: writes past
     it fail with EFBIG, as they fail with ENOSPC on a full disk) ends the run FAILED with the reason,
-    and `alexnet train` exits 1 with one line. When a write under torch's zip writer fails, the writer
-    raises its own unrelated error, and can abort the process from a destructor (SIGABRT, exit 134)."""
+    and `alexnet train` exits 1 with one line. Left to fail under torch's zip writer, the write would
+    raise an unrelated error, and can abort the process from a destructor (SIGABRT, exit 134)."""
     import resource
     import signal
 
