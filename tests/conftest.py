@@ -8,6 +8,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # The test processes share the cores instead of each starting one torch thread per core (set
+    # before torch is imported here; subprocesses inherit it).
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def inductor_cache(tmp_path_factory):
