@@ -111,7 +111,7 @@ def check_room(folder: str | Path, nbytes: int, what: str) -> None:
 
     needed = nbytes + (1 << 20)  # the archive's headers and pickled structure
     folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:  # the folder the file's own will be made in
+    while not folder.exists() and folder != folder.parent:  # not made yet: the nearest one that is
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed:

@@ -269,16 +269,15 @@ def resume_config(run_id: str) -> Config:
 def log_model(cfg: Config, model_state: dict) -> str:
     """Log `model_state` as the run's MLflow PyTorch model (`torch.export` format), with two real
     test images as its input example and the signature they give. Returns the model's URI."""
+    import tempfile
+
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
     from alexnet import data
-    from alexnet.model import alexnet
-
-    import tempfile
-
     from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
+    from alexnet.model import alexnet
 
     # MLflow writes the model to a temporary folder, then copies it into the store.
     for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(mlflow.get_artifact_uri())]):
