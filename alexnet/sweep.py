@@ -641,11 +641,11 @@ def worker_main(slot: int) -> int:
 
 # --- Retention and the summary --------------------------------------------------------------------------
 
-def ranked(study, direction: str | None = None) -> list:
-    """COMPLETE trials, best first (ties: the earlier trial first)."""
+def ranked(study, direction: str | None = None, trials: list | None = None) -> list:
+    """COMPLETE trials (of `trials`, else the study's now), best first (ties: the earlier trial first)."""
     sign = -1 if (direction or study.user_attrs.get("direction", "maximize")) == "maximize" else 1
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None
-            and math.isfinite(t.value)]
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     return sorted(done, key=lambda t: (sign * t.value, t.number))
 
 
@@ -654,8 +654,11 @@ def retain(study, sweep: Sweep) -> int:
     failed, retried or pushed out); never a running trial's. Returns the bytes freed."""
     from alexnet import tracking
 
-    keep = {t.number for t in ranked(study, sweep.direction)[:sweep.keep_top]}
-    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    # The ranking and the states come from one snapshot: a trial that completes in between must not
+    # look finished yet missing from the top (another worker's trial can end at any moment).
+    trials = study.get_trials(deepcopy=False)
+    keep = {t.number for t in ranked(study, sweep.direction, trials)[:sweep.keep_top]}
+    states = {t.number: t.state.name for t in trials}
     freed = 0
     for run in trial_runs(sweep.study, experiment=sweep.config["experiment"]):
         tags = run.data.tags

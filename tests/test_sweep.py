@@ -394,6 +394,33 @@ lr = { low = 0.005, high = 0.05, log = true }
     assert study.trials[1].params == study.trials[0].params
 
 
+def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
+    """A trial that completes while a worker's retention runs (another worker's trial) must not be taken
+    for a finished trial outside the top K: its checkpoints would go, though it may be the best."""
+    from types import SimpleNamespace as NS
+
+    from alexnet import sweep as sweep_module
+    from alexnet import tracking
+
+    def trial(number, state, value):
+        return NS(number=number, state=NS(name=state), value=value)
+
+    before = [trial(0, "COMPLETE", 0.5), trial(1, "COMPLETE", 0.4), trial(2, "RUNNING", None)]
+    after = [trial(0, "COMPLETE", 0.5), trial(1, "COMPLETE", 0.4), trial(2, "COMPLETE", 0.9)]
+    snapshots = [before, after]  # trial 2 completes right after the first read
+    study = NS(get_trials=lambda deepcopy=False: snapshots.pop(0) if len(snapshots) > 1 else snapshots[0],
+               user_attrs={})
+    runs = [NS(data=NS(tags={"sweep.trial": str(n)}), info=NS(status="FINISHED", run_id=f"run{n}")) for n in range(3)]
+    monkeypatch.setattr(sweep_module, "trial_runs", lambda *args, **kwargs: runs)
+    deleted = []
+    monkeypatch.setattr(tracking, "delete_checkpoints", lambda run_id: deleted.append(run_id) or 0)
+    spec = NS(study="s", direction="maximize", keep_top=2, config={"experiment": "e"})
+    sweep_module.retain(study, spec)
+    assert deleted == []  # the top 2 then were trials 0 and 1; trial 2 was still running
+    sweep_module.retain(study, spec)  # the next pass sees trial 2 finished and best
+    assert deleted == ["run1"]
+
+
 # --- bad sweep files ---
 
 BAD = [
