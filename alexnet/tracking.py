@@ -280,8 +280,9 @@ def log_model(cfg: Config, model_state: dict) -> str:
     from alexnet.model import alexnet
 
     # MLflow writes the model to a temporary folder, then copies it into the store.
+    nbytes = tensor_bytes(model_state)
     for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(mlflow.get_artifact_uri())]):
-        check_room(folder, tensor_bytes(model_state), "the model")
+        check_room(folder, nbytes, "the model")
     model = alexnet(cfg.dropout, cfg.resize)
     model.load_state_dict(model_state)
     model.eval()

@@ -21,10 +21,9 @@ def inductor_cache(tmp_path_factory):
     removed when the suite passes, not to /tmp/torchinductor_<user>, which nothing removes. (Only its
     precompiled headers, about 150 MB, written once and reused, still go there: torch fixes that path
     at import.)"""
-    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
-    yield
-    os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if saved is None else os.environ.__setitem__("TORCHINDUCTOR_CACHE_DIR", saved)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+        yield
 
 
 @pytest.fixture
@@ -52,3 +51,15 @@ def wait_for(predicate, timeout, what, every=0.05):
             return
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def file_size_limit(nbytes: int):
+    """A `preexec_fn` that limits the files the subprocess writes to `nbytes` (`ulimit -f`): it stands
+    in for a full disk, as writes past it fail (EFBIG) the way they fail on a full disk (ENOSPC)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit

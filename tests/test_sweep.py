@@ -21,7 +21,7 @@ import pytest
 
 from alexnet import UsageError, cli
 from alexnet.sweep import load_sweep
-from conftest import ROOT, wait_for
+from conftest import ROOT, file_size_limit, wait_for
 
 TINY = """
 [set]
@@ -356,8 +356,6 @@ def test_a_full_disk_stops_the_sweep_and_the_same_command_reruns_the_trial(tmp_p
     """A trial whose checkpoint cannot be written (a file-size limit stands in for a full disk) fails,
     is queued again and stops its worker with one line, instead of every later trial failing the same
     way; once there is room, the same command runs it again and completes the count."""
-    import resource
-
     path = write_sweep(tmp_path, "full", """
 study = "full"
 n_trials = 1
@@ -365,15 +363,10 @@ pruner = "none"
 [space]
 lr = { low = 0.005, high = 0.05, log = true }
 """, epochs=1)
-    limit = 8 << 20  # the stores stay under it; a trial's checkpoint (about 19 MB) does not
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, not kills
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    # 8 MB: the stores stay under it; a trial's checkpoint (about 19 MB) does not.
     result = subprocess.run([sys.executable, "-m", "alexnet", "sweep", str(path), "--quiet"], cwd=ROOT,
                             env=env_for(tmp_path), capture_output=True, text=True, timeout=300,
-                            preexec_fn=limit_file_size)
+                            preexec_fn=file_size_limit(8 << 20))
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = [line for line in result.stderr.splitlines() if "error:" in line]
     assert line.startswith("alexnet sweep: worker 0: error: trial 0 failed: ")

@@ -15,7 +15,7 @@ import torch
 from alexnet import UsageError, checkpoint, cli, runs, tracking
 from alexnet.config import Config, to_toml
 from alexnet.model import alexnet
-from conftest import ROOT
+from conftest import ROOT, file_size_limit
 
 TINY = dict(resize=67, lr=0.05, epochs=2, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
 CURVE_KEYS = ["train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
@@ -255,11 +255,9 @@ def test_a_write_that_fails_inside_torch_save_is_an_oserror_not_an_abort(tmp_pat
     process goes on: raised under torch's zip writer, the error would come out as "unexpected pos" and
     can abort the process."""
     script = f"""
-import errno, resource, signal, sys, torch
+import errno, sys, torch
 from pathlib import Path
 from alexnet import checkpoint
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 checkpoint.check_room = lambda *args: None
 try:
     checkpoint.save({{"w": torch.ones(1 << 20)}}, Path(sys.argv[1]) / "last.pt")
@@ -268,7 +266,7 @@ except OSError as e:
 print("alive")
 """
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, preexec_fn=file_size_limit(1 << 20))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["OSError", "EFBIG", "alive"]
     assert list(tmp_path.iterdir()) == []
@@ -290,22 +288,14 @@ def test_a_full_disk_ends_the_run_failed_in_one_line(store):
     it fail with EFBIG, as they fail with ENOSPC on a full disk) ends the run FAILED with the reason,
     and `alexnet train` exits 1 with one line. Left to fail under torch's zip writer, the write would
     raise an unrelated error, and can abort the process from a destructor (SIGABRT, exit 134)."""
-    import resource
-    import signal
-
     from alexnet import data
 
     data.prepare()  # the dataset cache is written here, before the limit
-    limit = 8 << 20  # the SQLite store stays under it; the tiny run's checkpoint (about 19 MB) does not
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails, not kills
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     overrides = [f"--set={k}={v}" for k, v in TINY.items()]
+    # 8 MB: the SQLite store stays under it; the tiny run's checkpoint (about 19 MB) does not.
     proc = subprocess.run([sys.executable, "-m", "alexnet", "train", "experiments/smoke.toml", *overrides,
                            "--set=run_name=full-disk", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size)
+                          preexec_fn=file_size_limit(8 << 20))
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("alexnet train: error: writing a checkpoint failed") and "File too large" in last
