@@ -17,18 +17,22 @@ epoch, `best.pt` when test accuracy improved (from the same bytes when both chan
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import resource
 import shutil
 import tempfile
 import threading
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+import mlflow
 import torch
 
 from alexnet import UsageError
-from alexnet.tracking import FOLDER  # the run's artifact folder; named there so that tracking needs no torch
+from alexnet.store import CHECKPOINTS as FOLDER
 
 MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
 HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline
@@ -106,9 +110,6 @@ def check_room(folder: str | Path, nbytes: int, what: str) -> None:
     file-size limit (`ulimit -f`). When a write fails under torch's zip writer (`torch.save`, and
     `torch.export` inside MLflow's `log_model`), the writer can abort the process from its C++
     destructor, so a file that cannot fit is refused before torch starts it."""
-    import errno
-    import resource
-
     needed = nbytes + (1 << 20)  # the archive's headers and pickled structure
     folder = Path(folder)
     while not folder.exists() and folder != folder.parent:  # not made yet: the nearest one that is
@@ -166,8 +167,6 @@ def load(path: str | Path, what: str = "") -> dict:
 
 def local_artifact_dir(artifact_uri: str) -> Path | None:
     """The folder of a `file://` artifact URI (the local store), else None (a server, a bucket)."""
-    from urllib.parse import unquote, urlparse
-
     parsed = urlparse(artifact_uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
@@ -190,8 +189,6 @@ def publish(state: dict, names: list[str], run_id: str, artifact_uri: str) -> No
             shutil.copyfile(first, tmp)
             os.replace(tmp, folder / f"{name}.pt")
         return
-    import mlflow
-
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
         first = Path(tmp) / f"{names[0]}.pt"
@@ -204,8 +201,6 @@ def publish(state: dict, names: list[str], run_id: str, artifact_uri: str) -> No
 
 def fetch(run_id: str, name: str) -> dict | None:
     """Load the run's `checkpoints/<name>.pt` (checksum checked), or None if it has none."""
-    import mlflow
-
     client = mlflow.MlflowClient()
     what = f"{FOLDER}/{name}.pt of run {run_id}"
     folder = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
@@ -229,13 +224,15 @@ class Writer:
     twice). If the thread is still busy, a newer state for the same name replaces the waiting one
     (only the newest `last` matters; the callbacks of both still run, after it). `call_after(fn)`
     queues a callback behind the waiting writes. An error in the thread is raised by the next
-    `submit` or by `close`, so a full disk is never silent; callbacks behind a failed write do not run."""
+    `submit` or by `close`, naming what failed (`writing checkpoints/last.pt`, or the callback's `what`,
+    e.g. logging an epoch's metrics), so a full disk is never silent; callbacks behind a failed write
+    do not run."""
 
     def __init__(self, run_id: str, artifact_uri: str):
         self.run_id, self.artifact_uri = run_id, artifact_uri
         self.pending: dict[str, tuple] = {}  # name -> (snapshot, ready event)
         self.callbacks: list = []            # run in order once the pending writes are published
-        self.error: BaseException | None = None
+        self.error: tuple[str, BaseException] | None = None  # (what was being done, its error)
         self.closing = False
         self.cond = threading.Condition()
         folder = local_artifact_dir(artifact_uri)
@@ -274,28 +271,38 @@ class Writer:
                     return
                 work, self.pending = self.pending, {}
                 callbacks, self.callbacks = self.callbacks, []
-            try:
-                # Names that share one snapshot are written from one serialization.
-                groups: dict[int, list[str]] = {}
-                for name, (snap, _) in work.items():
-                    groups.setdefault(id(snap), []).append(name)
-                for names in groups.values():
-                    snap, ready = work[names[0]]
-                    publish(to_host(snap, ready), names, self.run_id, self.artifact_uri)
-                for fn in callbacks:
-                    fn()
-            except BaseException as e:  # kept for the training thread to raise
-                self.error = e
-                return
+            # Names that share one snapshot are written from one serialization.
+            groups: dict[int, list[str]] = {}
+            for name, (snap, _) in work.items():
+                groups.setdefault(id(snap), []).append(name)
+            for names in groups.values():
+                if not self._attempt(f"writing {' and '.join(f'{FOLDER}/{n}.pt' for n in names)}",
+                                     lambda: publish(to_host(*work[names[0]]), names, self.run_id, self.artifact_uri)):
+                    return
+            for fn in callbacks:
+                if not self._attempt(getattr(fn, "what", "a callback after a checkpoint"), fn):
+                    return
+
+    def _attempt(self, what: str, fn) -> bool:
+        """Run `fn`; keep its error, with what was being done, for the training thread to raise."""
+        try:
+            fn()
+            return True
+        except BaseException as e:
+            self.error = (what, e)
+            return False
 
     def _raise(self):
         if self.error is not None:
-            error, self.error = self.error, None
+            (what, error), self.error = self.error, None
             kind = OSError if isinstance(error, OSError) else RuntimeError  # a full disk stays an OSError
-            raise kind(f"writing a checkpoint failed: {error}") from error
+            raise kind(f"{what} failed: {error}") from error
 
     def close(self):
-        """Write what is waiting, run the callbacks, stop the thread, raise its error."""
+        """Write what is waiting, run the callbacks, stop the thread, raise its error. Closing again
+        does nothing."""
+        if self.closing and not self.thread.is_alive() and self.error is None:
+            return
         with self.cond:
             self.closing = True
             self.cond.notify()

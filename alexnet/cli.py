@@ -25,7 +25,7 @@ def add_tracking_arg(p: argparse.ArgumentParser):
 def cmd_train(args) -> int:
     from alexnet.config import load_config
 
-    resume = getattr(args, "resume", None)
+    resume = args.resume
     if resume:  # the run's own config, from its store
         if args.file or args.sets or args.no_track:
             raise UsageError("--resume continues a run with its own config: drop the experiment file, --set and --no-track")
@@ -38,30 +38,43 @@ def cmd_train(args) -> int:
         cfg = load_config(args.file, args.sets)  # checked before torch is even imported
     from tqdm import tqdm
 
-    from alexnet.train import Diverged, resolve_device, resolve_precision, train
+    from alexnet import data
+    from alexnet.train import Diverged, check_device, resolve_precision, train
 
     say = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
-    device = resolve_device(cfg)
-    say(f"{f'resuming run {resume}' if resume else f'training {args.file}'}: {cfg.epochs} epochs, resize {cfg.resize}, "
-        f"lr {cfg.lr}, batch {cfg.batch_size}, on {device} ({cfg.pipeline} pipeline, {resolve_precision(cfg, device)})")
+    device = check_device(cfg)  # a missing or unusable device: one line, before anything else
+    what = (f"{f'resuming run {resume}' if resume else f'training {args.file}'}: {cfg.epochs} epochs, "
+            f"resize {cfg.resize}, lr {cfg.lr}, batch {cfg.batch_size}, on {device} "
+            f"({cfg.pipeline} pipeline, {resolve_precision(cfg, device)})")
+    started = {}
     try:
         if args.no_track:
+            data.prepare(cfg.data_dir)
+            say(what)
             records = []
             for record in train(cfg, progress=not args.quiet):
                 records.append(record)
                 say(epoch_line(record, cfg.epochs))
         else:
             from alexnet import tracking
+            from alexnet.home import tracking_uri, where
+            from alexnet.redact import redact
 
-            run = tracking.tracked_train(
-                cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
-                on_start=lambda run_id: say(f"mlflow run {run_id} (if it stops early: alexnet train --resume {run_id})"),
-                on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
+            def on_start(run_id):
+                started["run_id"] = run_id
+                say(f"{what}\nmlflow run {run_id} in experiment {cfg.experiment!r} at {redact(where(tracking_uri()))} "
+                    f"(if it stops early: alexnet train --resume {run_id})")
+
+            run = tracking.tracked_train(cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
+                                         on_start=on_start, on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
             records = run.records
-            say(f"mlflow run {run.run_id} in experiment {cfg.experiment!r} at {tracking.redact(tracking.tracking_uri())}")
     except Diverged as e:
         print(f"alexnet train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resume_with = f"; resume with: alexnet train --resume {started['run_id']}" if started else ""
+        print(f"alexnet train: interrupted{resume_with}", file=sys.stderr)
+        return 130
     print(summary_line(records[-1]) if records else f"run {resume}: all {cfg.epochs} epochs were already trained; now FINISHED")
     return 0
 
@@ -98,7 +111,8 @@ def cmd_demo(args) -> int:
     small smoke sweep, the sweep's leaderboard and the command that opens the MLflow UI."""
     import torch
 
-    from alexnet import runs, sweep
+    from alexnet import runs
+    from alexnet.sweep import launcher, report, spec
 
     root = Path(__file__).resolve().parents[1]
     gpu = torch.cuda.is_available()
@@ -108,58 +122,61 @@ def cmd_demo(args) -> int:
     status = cmd_train(args)
     if status != 0:
         return status
-    spec = sweep.load_sweep(root / "sweeps" / "demo.toml")
-    print(f"demo 2/2: sweeps/demo.toml: {spec.n_trials} trials of lr, dropout and resize", file=sys.stderr)
-    result = sweep.run_sweep(spec, 1, quiet=args.quiet)
-    print(sweep.summary_text(spec, result))
-    print(runs.format_table(runs.leaderboard(sweep=spec.study, limit=10)))
+    sweep = spec.load_sweep(root / "sweeps" / "demo.toml")
+    print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of lr, dropout and resize", file=sys.stderr)
+    result = launcher.run_sweep(sweep, 1, quiet=args.quiet)
+    print(report.summary_text(sweep, result))
+    print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
     print("compare every run, metric and checkpoint in the MLflow UI:  .venv/bin/alexnet ui")
     return result["status"]
 
 
 def cmd_sweep(args) -> int:
-    """An Optuna study; every trial a child MLflow run under one parent run (alexnet/sweep.py)."""
-    from alexnet import sweep
+    """An Optuna study; every trial a child MLflow run under one parent run (alexnet/sweep/)."""
+    from alexnet.sweep.spec import load_sweep
 
-    spec = sweep.load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage)
+    sweep = load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage)  # before torch or MLflow
     if args.dry_run:
-        return sweep.dry_run(spec, args.workers, quiet=args.quiet)
-    result = sweep.run_sweep(spec, args.workers, quiet=args.quiet)
-    print(sweep.summary_text(spec, result))
-    if not args.quiet:
-        from alexnet import runs
+        from alexnet.sweep.dry_run import dry_run
 
-        print(runs.format_table(runs.leaderboard(sweep=spec.study, limit=10)))
+        return dry_run(sweep, args.workers, quiet=args.quiet)
+    from alexnet import runs
+    from alexnet.sweep import launcher, report
+
+    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet)
+    print(report.summary_text(sweep, result))
+    if not args.quiet:
+        print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
     if result["status"] == 130:
         print("alexnet sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return result["status"]
 
 
 def cmd_confirm(args) -> int:
-    """Re-run the study's top configurations and its baseline with fresh seeds (alexnet/confirm.py)."""
-    from alexnet import confirm
+    """Re-run the study's top configurations and its baseline with fresh seeds (alexnet/sweep/confirm.py)."""
+    from alexnet.sweep import confirm
 
     return confirm.confirm(args.study, top=args.top, seeds=args.seeds, storage=args.storage, quiet=args.quiet)
 
 
 def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/runs.py)."""
-    from alexnet import runs, tracking
+    from alexnet import plots, runs, store
 
-    tracking.set_up_store()
+    store.set_up_store()
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   sort=args.sort, reverse=args.reverse, limit=args.limit)
     board = runs.leaderboard(**select)
     if args.kill_stale:
         for run_id, why, resume in runs.stale_runs(board):
-            tracking.mark_killed(run_id, why)
+            store.mark_killed(run_id, why)
             print(f"marked run {run_id} KILLED ({why}); resume it with: {resume}", file=sys.stderr)
         board = runs.leaderboard(**select)
     if args.plot:
         if board.empty:
             raise UsageError("--plot: no runs selected, nothing to draw")
         labels = [name if isinstance(name, str) and name else r[:8] for name, r in zip(board["run"], board["run_id"])]
-        print(f"wrote {runs.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
+        print(f"wrote {plots.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
     if args.csv:
         board.to_csv(sys.stdout, index=False)
     elif args.json:
@@ -224,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
     p.add_argument("--n-trials", type=int, metavar="N", help="trials to finish in all (overrides the file)")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
     add_tracking_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
@@ -238,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="the study name (a sweep file's `study`, or its file name)")
     p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default: 3)")
     p.add_argument("--seeds", type=int, default=3, metavar="S", help="fresh seeds per configuration (default: 3)")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<project>/mlruns/optuna.db)")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_tracking_arg(p)
     p.set_defaults(run=cmd_confirm)

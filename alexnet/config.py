@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from alexnet import UsageError
 
 MIN_RESIZE = 67  # the third 3x3/2 max-pool needs a 3 px map: (67-11)//4+1=15 -> 7 -> 3 -> 1
@@ -129,6 +131,10 @@ def read_toml(path: str | Path) -> dict:
         raise UsageError(f"config: {path}: is a folder, not a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config: {path}: invalid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config: {path}: not a text file (TOML is UTF-8 text)") from None
+    except OSError as e:
+        raise UsageError(f"config: {path}: cannot read it ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, sets: list[str] = (), base: dict | None = None) -> Config:
@@ -144,17 +150,7 @@ def load_config(path: str | Path | None = None, sets: list[str] = (), base: dict
 
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (every field, in declaration order), readable back by load_config."""
-    lines = []
-    for name, f in FIELDS.items():
-        value = getattr(cfg, name)
-        text = ("true" if value else "false") if isinstance(value, bool) else (
-            _toml_str(value) if isinstance(value, str) else repr(value))
-        lines.append(f"{name} = {text}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return tomli_w.dumps(dataclasses.asdict(cfg))
 
 
 def describe_fields() -> str:

@@ -1,12 +1,5 @@
-"""Real Fashion-MNIST, found, verified and loaded; batches for the two pipelines.
-
-Where the four IDX files come from, first match wins:
-  1. the config's `data_dir`, 2. `$ALEXNET_DATA_DIR`, 3. Debian's `/usr/share/datasets/fashion-mnist`
-  (package `dataset-fashion-mnist`), 4. torchvision's download, where there is internet.
-Each file is checked: a `.gz` against torchvision's MD5 (`FashionMNIST.resources`) or, since Debian
-recompresses the same bytes, its content against the MD5 of the original uncompressed file. The
-verified files are unpacked once into the torchvision layout under `$ALEXNET_CACHE_DIR` (default
-`~/.cache/alexnet`), where `torchvision.datasets.FashionMNIST` reads them.
+"""Fashion-MNIST loaded for training: torchvision's dataset over the verified files
+(`alexnet/datafiles.py` finds and checks them), class-balanced subsets, and batches for the two pipelines.
 
 Fast pipeline: the uint8 images stay on the training device; each batch is gathered, scaled to [0, 1]
 and resized there (bilinear, half-pixel centres), which matches the chapter's PIL `Resize` +
@@ -15,106 +8,26 @@ and resized there (bilinear, half-pixel centres), which matches the chapter's PI
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import os
-import zlib
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
 
-from alexnet import UsageError
-
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-GZ_MD5 = {url.removesuffix(".gz"): md5 for url, md5 in torchvision.datasets.FashionMNIST.resources}
-RAW_MD5 = {  # the uncompressed files inside torchvision's archives
-    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}
-FIX = "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or point data_dir / ALEXNET_DATA_DIR at good copies"
+from alexnet import UsageError, datafiles
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALEXNET_CACHE_DIR") or Path.home() / ".cache" / "alexnet")
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def _find(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz", folder / "FashionMNIST" / "raw" / name,
-                      folder / "FashionMNIST" / "raw" / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _verified_bytes(path: Path, name: str) -> bytes:
-    """The uncompressed content of `path`, or a UsageError naming the file and the fix."""
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        if _md5(data) == GZ_MD5[name]:
-            return gzip.decompress(data)
-        try:
-            data = gzip.decompress(data)
-        except (EOFError, OSError, zlib.error) as e:
-            raise UsageError(f"data: {path} is corrupt ({e}): {FIX}") from None
-    if _md5(data) != RAW_MD5[name]:
-        raise UsageError(f"data: {path} is corrupt (MD5 {_md5(data)}, expected {RAW_MD5[name]}): {FIX}")
-    return data
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def source_dirs(data_dir: str = "") -> list[tuple[str, Path]]:
-    """The places searched, in order, as (what, folder)."""
-    dirs = []
-    if data_dir:
-        dirs.append(("data_dir", Path(data_dir).expanduser()))
-    if os.environ.get("ALEXNET_DATA_DIR"):
-        dirs.append(("$ALEXNET_DATA_DIR", Path(os.environ["ALEXNET_DATA_DIR"]).expanduser()))
-    dirs.append(("Debian's dataset-fashion-mnist", DEBIAN_DIR))
-    return dirs
-
-
-def prepare(data_dir: str = "") -> Path:
-    """Find and verify the four files; return a torchvision root holding them in `FashionMNIST/raw/`."""
-    root = cache_dir() / "fashion-mnist"
-    raw = root / "FashionMNIST" / "raw"
-    for what, folder in source_dirs(data_dir):
-        found = {name: _find(folder, name) for name in FILES}
-        if not any(found.values()):
-            continue
-        for name, path in found.items():
-            if path is None:
-                raise UsageError(f"data: {name}(.gz) is missing from {folder} ({what}): {FIX}")
-        for name, path in found.items():
-            target = raw / name
-            if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime \
-                    and _md5(target.read_bytes()) == RAW_MD5[name]:
-                continue
-            content = _verified_bytes(path, name)
-            raw.mkdir(parents=True, exist_ok=True)
-            _write_atomic(target, content)
+def prepare(data_dir: str = ""):
+    """The torchvision root holding the verified files: found on disk (`datafiles.prepare`), else
+    downloaded by torchvision (it checks its own MD5s), where there is internet."""
+    root = datafiles.prepare(data_dir)
+    if root is not None:
         return root
-    # Nothing on disk: torchvision's download (checks its own MD5s), where there is internet.
+    root = datafiles.torchvision_root()
     try:
         torchvision.datasets.FashionMNIST(root, train=True, download=True)
         torchvision.datasets.FashionMNIST(root, train=False, download=True)
     except Exception as e:  # no network, a proxy, a mirror down: all mean the same to the user
-        searched = ", ".join(str(f) for _, f in source_dirs(data_dir))
-        raise UsageError(f"data: Fashion-MNIST not found in {searched} and the download failed "
+        raise UsageError(f"data: Fashion-MNIST not found in {datafiles.searched(data_dir)} and the download failed "
                          f"({type(e).__name__}): apt-get install dataset-fashion-mnist, or set ALEXNET_DATA_DIR") from None
     return root
 

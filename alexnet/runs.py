@@ -8,9 +8,12 @@ one to rank by.
 
 from __future__ import annotations
 
-from pathlib import Path
+import mlflow
+import pandas as pd
 
-from alexnet import UsageError
+from alexnet import UsageError, store
+from alexnet.home import tracking_uri, where
+from alexnet.redact import redact
 
 # Leaderboard column -> search_runs column. Params arrive as strings; they are made numbers below.
 COLUMNS = {
@@ -25,7 +28,6 @@ COLUMNS = {
     "examples_per_sec": "metrics.perf/examples_per_sec",
 }
 NUMERIC = ["lr", "dropout", "resize", "epochs", "best_acc", "final_acc", "examples_per_sec", "duration_s"]
-CURVES = {"train/loss": "loss", "train/acc": "train acc", "test/acc": "test acc"}
 
 
 def _quoted(value: str, what: str) -> str:
@@ -37,11 +39,6 @@ def _quoted(value: str, what: str) -> str:
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
     """The raw `search_runs` DataFrame of the selected runs (all experiments when a sweep or a parent
     run is named without an experiment: the sweep's runs live wherever its base experiment does)."""
-    import mlflow
-    import pandas as pd
-
-    from alexnet import tracking
-
     client = mlflow.MlflowClient()
     filters = []
     if sweep:
@@ -50,14 +47,14 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
         filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
     defaulted = experiment is None and not (sweep or parent)
     if defaulted:
-        experiment = tracking.DEFAULT_EXPERIMENT
+        experiment = store.DEFAULT_EXPERIMENT
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None and defaulted:
             return pd.DataFrame()  # a fresh store: no runs yet
         if exp is None:
             known = ", ".join(e.name for e in client.search_experiments()) or "none yet"
-            raise UsageError(f"runs: no experiment {experiment!r} in {tracking.redact(tracking.tracking_uri())} (known: {known})")
+            raise UsageError(f"runs: no experiment {experiment!r} in {redact(where(tracking_uri()))} (known: {known})")
         kwargs = {"experiment_ids": [exp.experiment_id]}
     else:
         kwargs = {"search_all_experiments": True}
@@ -73,10 +70,6 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     """One row per run: name, status (STALE for a RUNNING run whose process is gone), lr, dropout,
     resize, epochs, best and final test accuracy, examples/s (the book's count, last epoch),
     duration, run id; best first."""
-    import pandas as pd
-
-    from alexnet import tracking
-
     raw = search(experiment, sweep, parent)
     columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id", "resume"]
     if sort not in columns:
@@ -92,7 +85,7 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     board["duration_s"] = (end - start).dt.total_seconds().round(1)
     tags = [{k[5:]: v for k, v in row.items() if isinstance(v, str)}
             for row in raw[[c for c in raw if c.startswith("tags.")]].to_dict("records")]
-    board["stale"] = [tracking.stale_reason(s, t) or "" for s, t in zip(raw["status"], tags)]
+    board["stale"] = [store.stale_reason(s, t) or "" for s, t in zip(raw["status"], tags)]
     board.loc[board["stale"] != "", "status"] = "STALE"
     board["run_id"] = raw["run_id"]
     board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags)]
@@ -137,47 +130,3 @@ def resume_command(run_id: str, tags: dict) -> str:
 def stale_runs(board) -> list[tuple[str, str, str]]:
     """(run_id, reason, the command that resumes it) of the board's stale runs."""
     return [(r, why, cmd) for r, why, cmd in zip(board["run_id"], board["stale"], board["resume"]) if why]
-
-
-def history(run_id: str) -> dict[str, dict[int, float]]:
-    """Per-epoch values of the curve metrics, {key: {epoch: value}} (the last value logged, should
-    an epoch have two)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    return {key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
-            for key in CURVES}
-
-
-def plot_curves(run_ids: list[str], path: str | Path, labels: list[str] | None = None) -> Path:
-    """Loss (left) and train/test accuracy (right) per epoch, one colour per run, in one PNG."""
-    import mlflow
-    from matplotlib.figure import Figure  # no pyplot: no display, no global state, safe in a thread
-
-    if labels is None:
-        client = mlflow.MlflowClient()
-        labels = [client.get_run(r).info.run_name or r[:8] for r in run_ids]
-    fig = Figure(figsize=(11, 4.2))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for i, (run_id, label) in enumerate(zip(run_ids, labels)):
-        color = f"C{i % 10}"
-        curves = history(run_id)
-        for key, ax, style in (("train/loss", ax_loss, "-"), ("train/acc", ax_acc, "--"), ("test/acc", ax_acc, "-")):
-            points = sorted(curves[key].items())
-            if points:
-                ax.plot(*zip(*points), style, color=color, marker="o", markersize=3,
-                        label=f"{label} ({CURVES[key]})" if ax is ax_acc else label)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy (dashed: train, solid: test)")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path

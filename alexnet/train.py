@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from alexnet import data
+from alexnet import UsageError, data
 from alexnet.config import Config
 from alexnet.model import alexnet, init_weights
+from alexnet.redact import first_line
 
 REFRESH_STEPS = 25  # read the running loss back every this many steps: progress bar and divergence check
 
@@ -81,13 +82,37 @@ class Diverged(RuntimeError):
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The device `cfg.device` names ("auto": cuda, then mps, then cpu), or a UsageError where this
+    machine has no such device."""
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+            raise UsageError(f"config: device = {cfg.device!r}, but torch sees no CUDA GPU here (torch {torch.__version__}, "
+                             f"{build}): use device = \"cpu\" or \"auto\"")
+        if (device.index or 0) >= count:
+            raise UsageError(f"config: device = {cfg.device!r}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"config: device = 'mps', but this machine has no Apple GPU: use device = \"cpu\" or \"auto\"")
+    return device
+
+
+def check_device(cfg: Config) -> torch.device:
+    """The resolved device, checked usable: a small computation runs on it (a GPU can be present yet
+    taken, broken or out of memory). A UsageError otherwise."""
+    device = resolve_device(cfg)
+    try:
+        (torch.ones(8, device=device) * 2).sum().item()
+    except RuntimeError as e:
+        raise UsageError(f"config: device {device} is present but not usable ({first_line(e)})") from None
+    return device
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:

@@ -20,7 +20,11 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
-from alexnet import UsageError
+import mlflow
+
+from alexnet import UsageError, store
+from alexnet.home import artifacts_dir, is_local_default, where
+from alexnet.redact import redact
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -102,23 +106,19 @@ def stop(proc: subprocess.Popen) -> None:
 
 def serve(host: str, port: int, allowed_hosts: str | None, experiment: str) -> int:
     """`alexnet ui`: start, print the runs page's URL, wait for Ctrl-C."""
-    import mlflow
-
-    from alexnet import tracking
-
-    uri = tracking.set_up_store()
+    uri = store.set_up_store()
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if uri.startswith(("http://", "https://")):
-        base = tracking.redact(uri)
+        base = redact(uri)
         print(runs_url(base, exp.experiment_id) if exp else base)
         print(f"(runs are on the tracking server {base}: open it there, no local UI needed)", file=sys.stderr)
         return 0
-    artifact_root = (tracking.mlruns_dir() / "artifacts").as_uri() if tracking.is_local_default(uri) else None
+    artifact_root = artifacts_dir().as_uri() if is_local_default(uri) else None
     proc, base = start(uri, artifact_root, host, port, allowed_hosts)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` too stops the server (finally below)
     try:
-        print(f"ui: starting the MLflow UI on {tracking.redact(uri)} ...", file=sys.stderr)
+        print(f"ui: starting the MLflow UI on {redact(where(uri))} ...", file=sys.stderr)
         wait_ready(proc, base)
         print(runs_url(base, exp.experiment_id) if exp else base)
         print(f"ui: experiment {experiment!r}" + ("" if exp else " has no runs yet") +

@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     os.environ["ALEXNET_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the local store: SQLite + artifact files
 
-    from alexnet import UsageError, tracking
+    from alexnet import UsageError
     from alexnet.config import load_config
+    from alexnet.home import tracking_uri
     from alexnet.train import resolve_device
 
     base = [] if args.baseline else DEFAULT
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     device = resolve_device(cfg)
     print(f"device {device}; resize {cfg.resize}, {cfg.train_limit or 60000} training images, "
           f"{cfg.test_limit or 10000} test images, batch {cfg.batch_size}, {cfg.epochs} epochs; "
-          f"{args.rounds} rounds; store {tracking.tracking_uri()}", flush=True)
+          f"{args.rounds} rounds; store {tracking_uri()}", flush=True)
     try:
         if args.warm_up:
             warm = load_config(None, base + args.sets + ["epochs=1"])

@@ -1,30 +1,37 @@
-"""Real Fashion-MNIST: found, MD5-verified, loaded; subsets; resize parity with the chapter's pipeline."""
+"""Real Fashion-MNIST: found, MD5-verified, loaded; subsets; resize parity with the chapter's pipeline.
+The real files come from wherever this machine has them: `$ALEXNET_DATA_DIR`, else Debian's package."""
 
 import gzip
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torchvision import transforms
 
-from alexnet import UsageError, data
+from alexnet import UsageError, data, datafiles
 
-DEBIAN = data.DEBIAN_DIR
+DEBIAN = datafiles.DEBIAN_DIR
+SOURCE = Path(os.environ.get("ALEXNET_DATA_DIR") or DEBIAN)  # the real files, as this machine has them
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALEXNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ALEXNET_DATA_DIR", raising=False)
     return tmp_path / "cache"
 
 
 @pytest.fixture
 def copy_dir(tmp_path):
+    """The four real files, gzipped, in a folder of the test's own."""
     folder = tmp_path / "copy"
     folder.mkdir()
-    for name in data.FILES:
-        shutil.copy(DEBIAN / f"{name}.gz", folder / f"{name}.gz")
+    for name in datafiles.FILES:
+        found = datafiles._find(SOURCE, name)
+        content = found.read_bytes()
+        (folder / f"{name}.gz").write_bytes(content if found.suffix == ".gz" else gzip.compress(content))
     return folder
 
 
@@ -40,15 +47,33 @@ def test_real_data_loads_with_the_known_first_labels(cache):
 def test_data_dir_wins_and_uncompressed_files_are_accepted(cache, tmp_path, copy_dir):
     raw = tmp_path / "raw"
     raw.mkdir()
-    for name in data.FILES:
+    for name in datafiles.FILES:
         (raw / name).write_bytes(gzip.decompress((copy_dir / f"{name}.gz").read_bytes()))
-    assert [what for what, _ in data.source_dirs(str(raw))][0] == "data_dir"
+    assert [what for what, _, _ in datafiles.source_dirs(str(raw))][0] == "data_dir"
     assert len(data.load(str(raw), train=False)) == 10000
 
 
 def test_env_var_is_searched_before_debian(cache, copy_dir, monkeypatch):
     monkeypatch.setenv("ALEXNET_DATA_DIR", str(copy_dir))
-    assert [f for _, f in data.source_dirs()] == [copy_dir, DEBIAN]
+    assert [(f, named) for _, f, named in datafiles.source_dirs()] == [(copy_dir, True), (DEBIAN, False)]
+
+
+@pytest.mark.parametrize("state", ["empty", "missing"])
+def test_a_named_folder_without_the_data_is_an_error_not_a_fallback(cache, tmp_path, monkeypatch, state):
+    """A data_dir (or $ALEXNET_DATA_DIR) the user names is never silently replaced by another source."""
+    folder = tmp_path / "nothing-here"
+    if state == "empty":
+        folder.mkdir()
+    with pytest.raises(UsageError, match=f"data: {folder} \\(data_dir\\) " +
+                       ("holds no Fashion-MNIST files" if state == "empty" else "does not exist")):
+        data.load(str(folder))
+    monkeypatch.setenv("ALEXNET_DATA_DIR", str(folder))
+    with pytest.raises(UsageError, match=r"\(\$ALEXNET_DATA_DIR\)"):
+        datafiles.prepare()
+
+
+def test_the_md5_table_is_torchvisions():
+    assert datafiles.GZ_MD5 == {url.removesuffix(".gz"): md5 for url, md5 in torchvision.datasets.FashionMNIST.resources}
 
 
 def test_a_truncated_file_is_refused_naming_the_file_and_the_fix(cache, copy_dir):
@@ -64,7 +89,7 @@ def test_a_truncated_file_is_refused_naming_the_file_and_the_fix(cache, copy_dir
 def test_a_changed_byte_fails_the_md5_check(cache, tmp_path, copy_dir):
     raw = tmp_path / "raw"
     raw.mkdir()
-    for name in data.FILES:
+    for name in datafiles.FILES:
         (raw / name).write_bytes(gzip.decompress((copy_dir / f"{name}.gz").read_bytes()))
     labels = bytearray((raw / "train-labels-idx1-ubyte").read_bytes())
     labels[100] = (labels[100] + 1) % 10

@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from alexnet import checkpoint, cli, runs, tracking
+from alexnet import checkpoint, cli, runs, store
 from conftest import ROOT, wait_for
 
 SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
@@ -32,14 +32,7 @@ def last_checkpoints(home) -> list:
     return list((home / "mlruns" / "artifacts").glob("*/artifacts/checkpoints/last.pt"))
 
 
-@pytest.fixture
-def store(home):
-    yield home
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_up_store exports it
-
-
-def test_killed_run_resumes_to_the_uninterrupted_result(store, capsys, tmp_path):
-    home = store
+def test_killed_run_resumes_to_the_uninterrupted_result(home, capsys, tmp_path):
     sets = [a for s in SETS for a in ("--set", s)]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets,
@@ -47,7 +40,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(store, capsys, tmp_path)
     try:
         # Kill it once epoch 1's metrics are logged (after its checkpoint): it is then inside epoch 2.
         wait_for(lambda: last_checkpoints(home) or proc.poll() is not None, 300, "the first checkpoint")
-        tracking.set_up_store()
+        store.set_up_store()
         logged = lambda: mlflow.MlflowClient().get_metric_history(last_checkpoints(home)[0].parents[2].name, "test/acc")  # noqa: E731
         wait_for(lambda: logged() or proc.poll() is not None, 60, "the first epoch's metrics")
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
@@ -110,16 +103,15 @@ def checkpoint_epoch(data: bytes) -> int:
     return torch.load(io.BytesIO(data[HEADER_BYTES:]), weights_only=True)["epoch"]
 
 
-def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(store, tmp_path):
+def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(home, tmp_path):
     """SIGINT (Ctrl-C) in the middle of epoch 2 of 20: exit status 130 and one line, the run KILLED,
     the epochs already logged each once and behind a whole checkpoint, no temporary file left."""
-    home = store
     sets = [a for s in SETS + ["epochs=20"] for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: last_checkpoints(home) or proc.poll() is not None, 300, "the first checkpoint")
-        tracking.set_up_store()
+        store.set_up_store()
         run_id = last_checkpoints(home)[0].parents[2].name
         wait_for(lambda: history(run_id) or proc.poll() is not None, 60, "the first epoch's metrics")
         assert proc.poll() is None, proc.communicate()[1]
@@ -128,7 +120,7 @@ def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(store, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "alexnet train: interrupted"
+    assert err.strip().splitlines()[-1] == f"alexnet train: interrupted; resume with: alexnet train --resume {run_id}"
     run = mlflow.get_run(run_id)
     assert run.info.status == "KILLED"
     folder = last_checkpoints(home)[0].parent

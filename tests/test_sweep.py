@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from alexnet import UsageError, cli
-from alexnet.sweep import load_sweep
+from alexnet.sweep.spec import load_sweep
 from conftest import ROOT, file_size_limit, wait_for
 
 TINY = """
@@ -392,8 +392,8 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     for a finished trial outside the top K: its checkpoints would go, though it may be the best."""
     from types import SimpleNamespace as NS
 
-    from alexnet import sweep as sweep_module
-    from alexnet import tracking
+    from alexnet import disk
+    from alexnet.sweep import retention
 
     def trial(number, state, value):
         return NS(number=number, state=NS(name=state), value=value)
@@ -404,13 +404,13 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     study = NS(get_trials=lambda deepcopy=False: snapshots.pop(0) if len(snapshots) > 1 else snapshots[0],
                user_attrs={})
     runs = [NS(data=NS(tags={"sweep.trial": str(n)}), info=NS(status="FINISHED", run_id=f"run{n}")) for n in range(3)]
-    monkeypatch.setattr(sweep_module, "trial_runs", lambda *args, **kwargs: runs)
+    monkeypatch.setattr(retention, "trial_runs", lambda *args, **kwargs: runs)
     deleted = []
-    monkeypatch.setattr(tracking, "delete_checkpoints", lambda run_id: deleted.append(run_id) or 0)
+    monkeypatch.setattr(disk, "delete_checkpoints", lambda run_id: deleted.append(run_id) or 0)
     spec = NS(study="s", direction="maximize", keep_top=2, config={"experiment": "e"})
-    sweep_module.retain(study, spec)
+    retention.retain(study, spec)
     assert deleted == []  # the top 2 then were trials 0 and 1; trial 2 was still running
-    sweep_module.retain(study, spec)  # the next pass sees trial 2 finished and best
+    retention.retain(study, spec)  # the next pass sees trial 2 finished and best
     assert deleted == ["run1"]
 
 
@@ -445,7 +445,7 @@ def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path):
 
 
 def test_objective_names_are_the_trainers_metrics():
-    from alexnet.sweep import OBJECTIVES
+    from alexnet.sweep.spec import OBJECTIVES
     from alexnet.train import EpochRecord
 
     assert list(OBJECTIVES) == list(EpochRecord(*[0] * 9).metrics())
@@ -471,7 +471,8 @@ def test_dry_run_runs_the_machinery_tiny_in_a_temporary_store(tmp_path):
 
 
 def test_workers_get_a_share_of_the_cores_and_gpus_round_robin():
-    from alexnet.sweep import SPEC_ENV, worker_env
+    from alexnet.sweep.launcher import worker_env
+    from alexnet.sweep.spec import SPEC_ENV
 
     sweep = load_sweep(ROOT / "sweeps" / "smoke.toml")
     envs = [worker_env(sweep, i, 3, "parent-id", 0.0, ["0", "1"]) for i in range(3)]

@@ -12,7 +12,8 @@ import mlflow
 import pytest
 import torch
 
-from alexnet import UsageError, checkpoint, cli, runs, tracking
+from alexnet import UsageError, checkpoint, cli, disk, runs, store, tracking
+from alexnet.home import tracking_uri
 from alexnet.config import Config, to_toml
 from alexnet.model import alexnet
 from conftest import ROOT, file_size_limit
@@ -20,13 +21,6 @@ from conftest import ROOT, file_size_limit
 TINY = dict(resize=67, lr=0.05, epochs=2, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
 CURVE_KEYS = ["train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
               "perf/wall_examples_per_sec", "perf/epoch_seconds"]
-
-
-@pytest.fixture
-def store(home):
-    """The temp project home; afterwards MLFLOW_TRACKING_URI (set_up_store exports it) is removed again."""
-    yield home
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +47,8 @@ def tracked(one_run, monkeypatch):
     """The shared run, with MLflow pointed at its store (other tests point it elsewhere)."""
     home, cfg, run = one_run
     monkeypatch.setenv("ALEXNET_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri())
-    tracking.set_up_store()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri())
+    store.set_up_store()
     return cfg, run
 
 
@@ -111,11 +105,11 @@ def test_checkpoints_and_model_read_back(tracked):
 def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
     cfg, run = tracked
     client = mlflow.MlflowClient()
-    before = tracking.run_disk_usage(run.run_id)
+    before = disk.run_disk_usage(run.run_id)
     ckpt_bytes = sum(f.file_size for f in client.list_artifacts(run.run_id, "checkpoints"))
     assert ckpt_bytes > 2 * 10**7 and before > ckpt_bytes  # two ~86 MB files, plus the model and the rest
-    freed = tracking.delete_checkpoints(run.run_id)
-    after = tracking.run_disk_usage(run.run_id)
+    freed = disk.delete_checkpoints(run.run_id)
+    after = disk.run_disk_usage(run.run_id)
     assert freed > ckpt_bytes and before - after == freed
     got = client.get_run(run.run_id)
     assert got.data.tags["checkpoints"] == "deleted"
@@ -144,10 +138,10 @@ def test_a_damaged_checkpoint_is_refused(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
-def test_leaderboard_filters_sweeps_and_parents_and_plots(store, capsys, tmp_path):
+def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path):
     """Runs shaped like a sweep's (a parent and its tagged trials) plus one plain run."""
-    tracking.set_up_store()
-    exp = tracking.experiment_id(tracking.DEFAULT_EXPERIMENT)
+    store.set_up_store()
+    exp = store.experiment_id(store.DEFAULT_EXPERIMENT)
     client = mlflow.MlflowClient()
     parent = client.create_run(exp, run_name="study-parent", tags={"sweep.study": "s1", "sweep.role": "parent"})
     children = {}
@@ -188,7 +182,7 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(store, capsys, tmp_pat
     # A RUNNING run whose process is gone shows as STALE; --kill-stale ends it KILLED.
     dead = subprocess.Popen(["true"])  # a pid that has just ended
     dead.wait()
-    stale = client.create_run(exp, run_name="orphan", tags={**tracking.process_tags(), "pid": str(dead.pid)})
+    stale = client.create_run(exp, run_name="orphan", tags={**store.process_tags(), "pid": str(dead.pid)})
     assert cli.main(["runs", "--status", "stale"]) == 0
     assert "orphan" in capsys.readouterr().out
     assert cli.main(["runs", "--kill-stale"]) == 0
@@ -199,36 +193,36 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(store, capsys, tmp_pat
 
 def test_stale_rules():
     now = time.time()
-    assert tracking.stale_reason("FINISHED", {"pid": "1"}) is None
-    assert tracking.stale_reason("RUNNING", {}) is None  # not ours: cannot tell
-    mine = tracking.process_tags()
-    assert tracking.stale_reason("RUNNING", mine) is None  # this very process is alive
-    assert "gone" in tracking.stale_reason("RUNNING", {**mine, "process_start": str(float(mine["process_start"]) - 100)})
+    assert store.stale_reason("FINISHED", {"pid": "1"}) is None
+    assert store.stale_reason("RUNNING", {}) is None  # not ours: cannot tell
+    mine = store.process_tags()
+    assert store.stale_reason("RUNNING", mine) is None  # this very process is alive
+    assert "gone" in store.stale_reason("RUNNING", {**mine, "process_start": str(float(mine["process_start"]) - 100)})
     remote = {"pid": "1", "host": "elsewhere", "heartbeat": str(int(now - 30))}
-    assert tracking.stale_reason("RUNNING", remote, now) is None
-    assert "no heartbeat" in tracking.stale_reason("RUNNING", {**remote, "heartbeat": str(int(now - 3600))}, now)
+    assert store.stale_reason("RUNNING", remote, now) is None
+    assert "no heartbeat" in store.stale_reason("RUNNING", {**remote, "heartbeat": str(int(now - 3600))}, now)
 
 
-def test_bad_stores_fail_in_one_line_before_training(store, capsys):
-    (store / "mlruns").write_text("not a folder")  # mlruns/ cannot be created
+def test_bad_stores_fail_in_one_line_before_training(home, capsys):
+    (home / "mlruns").write_text("not a folder")  # mlruns/ cannot be created
     t0 = time.monotonic()
     code = cli.main(["train", "--quiet", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
                      os.devnull])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("alexnet train: error: tracking: cannot write") and "mlruns" in err[-1]
-    (store / "mlruns").unlink()
+    (home / "mlruns").unlink()
     code = cli.main(["train", "--quiet", "--tracking-uri", "http://bob:hunter2@127.0.0.1:9", os.devnull])
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the tracking server http://bob:***@127.0.0.1:9" in err and "hunter2" not in err
     assert time.monotonic() - t0 < 60  # MLflow's own client would retry for minutes
 
 
-def test_resume_refuses_unknown_runs_and_runs_without_checkpoints(store, capsys):
-    tracking.set_up_store()
+def test_resume_refuses_unknown_runs_and_runs_without_checkpoints(home, capsys):
+    store.set_up_store()
     client = mlflow.MlflowClient()
     assert cli.main(["train", "--resume", "0123456789abcdef0123456789abcdef"]) == 2
     assert "no run '0123456789abcdef0123456789abcdef'" in capsys.readouterr().err
-    run = client.create_run(tracking.experiment_id(tracking.DEFAULT_EXPERIMENT))
+    run = client.create_run(store.experiment_id(store.DEFAULT_EXPERIMENT))
     client.set_terminated(run.info.run_id, "KILLED")
     assert cli.main(["train", "--resume", run.info.run_id]) == 2
     assert "has no checkpoint (checkpoints/last.pt)" in capsys.readouterr().err
@@ -244,7 +238,7 @@ def test_writer_raises_a_failed_write(tmp_path):
     blocker.write_text("a file where the run's artifact folder should be")
     writer = checkpoint.Writer("r", blocker.as_uri())
     writer.submit(["last"], {"w": torch.zeros(3)})
-    with pytest.raises(OSError, match="writing a checkpoint failed"):
+    with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
     assert blocker.read_text().startswith("a file")
 
@@ -283,7 +277,7 @@ def test_a_checkpoint_or_model_that_cannot_fit_is_refused_before_torch_writes_it
     assert e.value.errno == errno.ENOSPC
 
 
-def test_a_full_disk_ends_the_run_failed_in_one_line(store):
+def test_a_full_disk_ends_the_run_failed_in_one_line(home):
     """A checkpoint that cannot be written (a file-size limit stands in for a full disk: writes past
     it fail with EFBIG, as they fail with ENOSPC on a full disk) ends the run FAILED with the reason,
     and `alexnet train` exits 1 with one line. Left to fail under torch's zip writer, the write would
@@ -298,9 +292,9 @@ def test_a_full_disk_ends_the_run_failed_in_one_line(store):
                           preexec_fn=file_size_limit(8 << 20))
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("alexnet train: error: writing a checkpoint failed") and "File too large" in last
+    assert last.startswith("alexnet train: error: writing checkpoints/last.pt") and "File too large" in last
     assert "Traceback" not in proc.stderr
-    tracking.set_up_store()
+    store.set_up_store()
     [run] = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'full-disk'",
                                output_format="list")
     assert run.info.status == "FAILED"
@@ -343,6 +337,6 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     events.clear()
     writer = checkpoint.Writer("r", blocker.as_uri())
     writer.submit(["last"], {"epoch": torch.tensor(1)}, then=lambda: events.append(("logged", 1)))
-    with pytest.raises(OSError, match="writing a checkpoint failed"):
+    with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
     assert events == []  # no metric for a state that could not be saved

@@ -8,7 +8,7 @@ import socket
 import mlflow
 import pytest
 
-from alexnet import tracking, ui
+from alexnet import home as project, store, tracking, ui
 from alexnet.config import Config
 from conftest import ROOT
 
@@ -34,8 +34,8 @@ def server(home):
     """Two real tiny runs in a temp store, and the MLflow UI serving them."""
     for name, lr in RUNS.items():
         tracking.tracked_train(Config(**TINY, lr=lr, run_name=name), progress=False)
-    uri = tracking.tracking_uri()
-    proc, base = ui.start(uri, (tracking.mlruns_dir() / "artifacts").as_uri(), port=free_port(),
+    uri = project.tracking_uri()
+    proc, base = ui.start(uri, project.artifacts_dir().as_uri(), port=free_port(),
                           log_path=home / "ui.log")
     try:
         ui.wait_ready(proc, base, timeout=180)
@@ -65,7 +65,7 @@ def page():
 
 def test_runs_and_compare_pages_show_names_params_and_metrics(server, page):
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
     found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(found) == set(RUNS)
     SHOTS.mkdir(exist_ok=True)

@@ -1,0 +1,169 @@
+"""Confirm a sweep's winners: re-run the top K configurations and the baseline with S fresh seeds.
+
+A sweep scores each configuration on one seed, so its ranking is partly seed noise: the top trial
+is the one that was good *and* lucky. `alexnet confirm STUDY --top K --seeds S` trains each of the
+top K configurations and the base experiment's own values again with seeds 1000, 1001, ... (never
+the sweep's), as child runs of the study's parent run tagged `sweep.role=confirm`, and prints the
+objective's mean +/- std per configuration.
+
+The verdict: the winner (the top configuration with the best mean over the fresh seeds) beats the
+baseline beyond seed noise when Welch's t-test, one-sided, gives p < 0.05. Welch's, because two
+configurations need not share a variance (a high learning rate is noisier than a low one); a t-test
+rather than "mean +/- 2 standard errors do not overlap", because with 3-5 seeds the standard error
+is itself uncertain and the t distribution widens the interval for exactly that (non-overlap of
+2-SE bars is also far stricter than p < 0.05). Picking the winner by its confirmed mean among K
+makes the test slightly optimistic; with K small against S that bias is small.
+
+Runs already confirmed (same params, same seed, FINISHED) are reused, so an interrupted confirm
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import mlflow
+import numpy as np
+from scipy import stats
+
+from alexnet import UsageError, store
+from alexnet.config import Config
+from alexnet.sweep.parent import trial_runs
+from alexnet.sweep.spec import format_params
+from alexnet.sweep.study import load_study, ranked
+from alexnet.tracking import tracked_train
+from alexnet.train import Diverged
+
+FIRST_SEED = 1000  # fresh seeds: the sweep trains every trial with the base config's seed (0 by default)
+ALPHA = 0.05
+
+
+def welch(a: list[float], b: list[float], better: str) -> float:
+    """One-sided p-value that `a`'s mean is better (greater for 'maximize') than `b`'s."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if max(a) == min(a) and max(b) == min(b):  # no spread at all: the t statistic is infinite or undefined
+        diff = (a[0] - b[0]) * (1 if better == "maximize" else -1)
+        return 0.0 if diff > 0 else 1.0
+    return float(stats.ttest_ind(a, b, equal_var=False,
+                                 alternative="greater" if better == "maximize" else "less").pvalue)
+
+
+def choose(study, top: int) -> dict:
+    """The configurations to confirm, keyed by their params as JSON: the baseline first (the base
+    experiment's own values, which may be a top trial too), then the top K distinct trials."""
+    attrs = study.user_attrs
+    base_params = {k: attrs["base_config"][k] for k in attrs["space"]}
+    best = ranked(study, attrs["direction"])
+    top_configs = {}
+    for t in best:
+        key = json.dumps(t.params, sort_keys=True)
+        if key not in top_configs and len(top_configs) < top:
+            top_configs[key] = {"label": f"trial {t.number}", "params": t.params, "sweep": t.value}
+    base_key = json.dumps(base_params, sort_keys=True)
+    if base_key in top_configs:
+        top_configs[base_key]["label"] = f"baseline = {top_configs[base_key]['label']}"
+        return {base_key: top_configs.pop(base_key), **top_configs}
+    base_trial = next((t for t in best if t.user_attrs.get("baseline")), None)
+    return {base_key: {"label": f"baseline = trial {base_trial.number}" if base_trial else "baseline",
+                       "params": base_params, "sweep": base_trial.value if base_trial else None}, **top_configs}
+
+
+def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None:
+    """Each configuration's objective over the fresh seeds, in `c["values"]`: runs confirmed before (same
+    params, same seed, FINISHED) are reused, so an interrupted confirm resumes where it stopped."""
+    attrs, name = study.user_attrs, study.study_name
+    objective, base = attrs["objective"], attrs["base_config"]
+    done = {}  # (params key, seed) -> value
+    for run in trial_runs(name, role="confirm", experiment=base["experiment"]):
+        tags = run.data.tags
+        if run.info.status == "FINISHED" and objective in run.data.metrics:
+            done[(tags.get("sweep.confirm_params"), int(tags.get("sweep.seed", -1)))] = run.data.metrics[objective]
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"confirm {name!r}: {len(configs)} configurations x {len(seed_list)} fresh seeds "
+        f"({seed_list[0]}-{seed_list[-1]}), {sum((k, s) not in done for k in configs for s in seed_list)} runs to train")
+    for key, c in configs.items():
+        c["values"] = []
+        for seed in seed_list:
+            if (key, seed) in done:
+                c["values"].append(done[(key, seed)])
+                continue
+            cfg = Config(**{**base, **c["params"], "seed": seed,
+                            "run_name": f"{name}-confirm-{c['label'].split(' =')[0].replace(' ', '')}-seed{seed}"})
+            tags = {"sweep.study": name, "sweep.role": "confirm", "sweep.confirm_of": c["label"],
+                    "sweep.confirm_params": key, "sweep.seed": str(seed)}
+            try:
+                run = tracked_train(cfg, source=attrs.get("sweep_file"), parent_run_id=attrs["mlflow_parent_run_id"],
+                                    tags=tags, progress=not quiet)
+                value = run.records[-1].metrics()[objective]
+            except Diverged:
+                value = math.nan  # counted in n, left out of the mean: a config that diverges is not confirmed
+            c["values"].append(value)
+            say(f"  {c['label']}, seed {seed}: {objective} {value:.4f}")
+
+
+def verdict(rows: list[dict], direction: str) -> tuple[str, dict | None, float]:
+    """Whether the best top configuration beats the baseline (rows[0]) beyond seed noise:
+    (the verdict in words, the winner, the p-value)."""
+    sign = 1 if direction == "maximize" else -1
+    baseline = rows[0]
+    contenders = [c for c in rows[1:] if math.isfinite(c["mean"])]
+    if not contenders:
+        return ("no configuration besides the baseline to compare" if len(rows) == 1 else
+                "no top configuration trained without diverging: nothing beats the baseline"), None, math.nan
+    winner = max(contenders, key=lambda c: sign * c["mean"])
+    p = welch(winner["finite"], baseline["finite"], direction)
+    diff = winner["mean"] - baseline["mean"]
+    if sign * diff <= 0:
+        return (f"no: the baseline ({baseline['mean']:.4f}) is at least as good as the best top configuration, "
+                f"{winner['label']} ({winner['mean']:.4f})"), winner, p
+    if p < ALPHA:
+        return (f"yes: {winner['label']} beats the baseline by {diff:+.4f} beyond seed noise "
+                f"(Welch's t-test, one-sided p = {p:.2g} < {ALPHA})"), winner, p
+    if math.isnan(p):
+        return f"cannot tell: {winner['label']} {diff:+.4f}, but the baseline has fewer than 2 finite values", winner, p
+    return (f"no: {winner['label']} is {diff:+.4f} better on average, within seed noise "
+            f"(Welch's t-test, one-sided p = {p:.2g} >= {ALPHA}): more seeds may tell"), winner, p
+
+
+def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None = None, quiet: bool = False) -> int:
+    """`alexnet confirm STUDY`: train, print the table and the verdict, record both on the parent run."""
+    if top < 1:
+        raise UsageError(f"confirm: --top must be >= 1, got {top}")
+    if seeds < 2:
+        raise UsageError(f"confirm: --seeds must be >= 2 to measure seed noise, got {seeds}")
+    store.set_up_store()
+    study = load_study(study_name, storage)
+    attrs = study.user_attrs
+    objective, direction, parent = attrs["objective"], attrs["direction"], attrs["mlflow_parent_run_id"]
+    if not ranked(study, direction):
+        raise UsageError(f"confirm: study {study_name!r} has no COMPLETE trial yet: let the sweep finish first")
+    configs = choose(study, top)
+    seed_list = [FIRST_SEED + i for i in range(seeds)]
+    train_seeds(study, configs, seed_list, quiet)
+
+    rows = list(configs.values())
+    for c in rows:
+        c["finite"] = [v for v in c["values"] if math.isfinite(v)]
+        c["mean"] = float(np.mean(c["finite"])) if c["finite"] else math.nan
+        c["std"] = float(np.std(c["finite"], ddof=1)) if len(c["finite"]) > 1 else math.nan
+    words, winner, p = verdict(rows, direction)
+    width = max(len(c["label"]) for c in rows)
+    print(f"{objective} over {seeds} fresh seeds ({direction}); sweep value = the trial's single-seed value")
+    for c in rows:
+        diverged = len(c["values"]) - len(c["finite"])
+        sweep_value = f"sweep {c['sweep']:.4f}" if c["sweep"] is not None else "sweep -"
+        print(f"  {c['label']:<{width}}  {c['mean']:.4f} +/- {c['std']:.4f}  (n={len(c['finite'])}"
+              f"{f', {diverged} diverged' if diverged else ''}; {sweep_value})  {format_params(c['params'])}")
+    print(f"winner beats the baseline? {words}")
+
+    client = mlflow.MlflowClient()
+    client.log_dict(parent, {"objective": objective, "direction": direction, "seeds": seed_list, "alpha": ALPHA,
+                             "test": "Welch's t-test, one-sided", "p_value": None if math.isnan(p) else p,
+                             "winner": winner["label"] if winner else None, "verdict": words,
+                             "configs": [{k: c[k] for k in ("label", "params", "values", "mean", "std", "sweep")}
+                                         for c in rows]}, "confirm.json")
+    client.set_tag(parent, "confirm.verdict", words[:5000])
+    return 0

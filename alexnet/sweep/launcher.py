@@ -1,0 +1,251 @@
+"""`alexnet sweep FILE`: check everything, set the study up once, start the workers, watch, summarise.
+
+The launcher never imports torch: it checks the device (with NVML), the data (`alexnet/datafiles.py`) and
+both stores before the parent run exists, then sets up, under the study lock, the study, the parent run
+and the base trial; then it starts N worker processes (`python -m alexnet.sweep.worker SLOT`), each with
+its own sampler seed (`seed + slot`: the same seed in two workers proposed duplicate configs), its share of
+the CPU threads and, with several GPUs, its own GPU. While they run it prints one line per finished trial
+and a progress bar with the best value so far. The parent run carries the launcher's pid and heartbeat,
+so a killed launcher leaves it STALE, not RUNNING for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import optuna
+import pynvml
+from tqdm import tqdm
+
+from alexnet import UsageError, datafiles, store
+from alexnet.home import tracking_uri, where
+from alexnet.redact import first_line, redact
+from alexnet.sweep.parent import existing_parent
+from alexnet.sweep.report import summarize, trial_line
+from alexnet.sweep.retention import retain
+from alexnet.sweep.spec import SPEC_ENV, Sweep, base_params, describe_space
+from alexnet.sweep.study import open_study, ranked, study_lock, tally
+
+UNCOMPARED = {"device", "data_dir", "num_workers", "run_name"}  # may differ between resumes
+
+
+def gpu_count() -> int:
+    """GPUs NVML sees (0 where there is no NVIDIA driver): the launcher never imports torch."""
+    try:
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return 0
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs workers may be pinned to: CUDA_VISIBLE_DEVICES if set, else every GPU NVML sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    return [str(i) for i in range(gpu_count())]
+
+
+def preflight(sweep: Sweep) -> None:
+    """Before anything is created: the device the trials ask for is there, the data is where the
+    config says and intact, the two stores answer and are not one database."""
+    device = sweep.config["device"]
+    if device.startswith("cuda") and not visible_gpus():
+        raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
+                         f"use --set device=cpu or device = \"auto\"")
+    datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
+    if sweep.storage.split("?")[0].rstrip("/") == tracking_uri().split("?")[0].rstrip("/"):
+        raise UsageError("sweep: --storage is MLflow's database: Optuna needs its own (e.g. sqlite:///.../optuna.db)")
+    store.set_up_store()
+
+
+def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
+    """Once, in the launching process, under the lock: the study, the parent run, the base trial.
+    Returns (study, parent run id, first worker slot)."""
+    with study_lock(sweep):
+        study = open_study(sweep)  # creates the tables once, before any worker opens the file
+        exp_id = store.experiment_id(sweep.config["experiment"])
+        attrs = study.user_attrs
+        fixed = {k: v for k, v in sweep.config.items() if k not in UNCOMPARED}
+        if "base_config" in attrs:
+            old = {k: v for k, v in attrs["base_config"].items() if k not in UNCOMPARED}
+            changed = sorted(k for k in set(old) | set(fixed) if old.get(k) != fixed.get(k))
+            if changed:
+                k = changed[0]
+                raise UsageError(f"sweep: study {sweep.study!r} was started with {k} = {old.get(k)!r}, now "
+                                 f"{fixed.get(k)!r}: run it as it started, or name a new study (study = ... in the file)")
+            if attrs.get("space") != json.loads(json.dumps(sweep.space)) or attrs.get("direction") != sweep.direction \
+                    or attrs.get("objective") != sweep.objective:
+                raise UsageError(f"sweep: study {sweep.study!r} was started with another search space or objective: "
+                                 f"name a new study (study = ... in the file)")
+        else:
+            for k, v in {"base_config": sweep.config, "space": sweep.space, "objective": sweep.objective,
+                         "direction": sweep.direction, "sweep_file": sweep.source,
+                         "mlflow_experiment": sweep.config["experiment"]}.items():
+                study.set_user_attr(k, v)
+        client = mlflow.MlflowClient()
+        parent = existing_parent(attrs.get("mlflow_parent_run_id"))
+        if parent is None:
+            parent = client.create_run(exp_id, run_name=sweep.study, tags={
+                "sweep.study": sweep.study, "sweep.role": "parent", "sweep.storage": redact(sweep.storage),
+                "experiment_file": sweep.source, "command": redact(command)}).info.run_id
+            client.log_param(parent, "objective", f"{sweep.direction} {sweep.objective}")
+            for k in ("sampler", "seed", "pruner", "keep_top"):
+                client.log_param(parent, k, getattr(sweep, k))
+            for name, spec in sweep.space.items():
+                client.log_param(parent, f"space.{name}", describe_space({name: spec}))
+            client.log_text(parent, Path(sweep.source).read_text(), "sweep.toml")
+            study.set_user_attr("mlflow_parent_run_id", parent)
+        else:
+            client.update_run(parent, status="RUNNING")
+        client.set_tag(parent, "sweep.n_trials", str(sweep.n_trials))
+        if sweep.enqueue_base and not attrs.get("base_enqueued"):
+            study.enqueue_trial(base_params(sweep), user_attrs={"baseline": True})
+            study.set_user_attr("base_enqueued", True)
+        first_slot = attrs.get("workers_started", 0)
+        study.set_user_attr("workers_started", first_slot + workers)
+    return study, parent, first_slot
+
+
+def worker_env(sweep: Sweep, index: int, workers: int, parent: str, deadline: float, gpus: list[str]) -> dict:
+    """The environment of worker `index`: the resolved sweep, its share of the CPU threads, its GPU."""
+    env = dict(os.environ)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    env.update({SPEC_ENV: json.dumps({"sweep": asdict(sweep), "parent": parent, "deadline": deadline,
+                                      "threads": threads, "argv": sys.argv}),
+                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    if len(gpus) > 1 and sweep.config["device"] in ("auto", "cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]  # round robin, one GPU per worker
+    return env
+
+
+def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "") -> dict:
+    """Check, set up, start the workers, watch the study until they exit, then keep the top K and
+    summarise. Returns the summary plus 'status' (0 done, 1 a worker died or the count is not reached,
+    2 a worker refused its input, 130 interrupted). The parent run always ends: FINISHED once the study
+    is complete, KILLED when this command stopped short, RUNNING only while workers from another
+    terminal go on."""
+    if workers < 1:
+        raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
+    preflight(sweep)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+    say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    done, running, _ = tally(study)
+    say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
+        f"{', resuming' if done or running else ''}; {workers} worker{'s' if workers > 1 else ''}; "
+        f"storage {redact(where(sweep.storage))}; parent run {parent}")
+
+    deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
+    stop_heartbeat = store.start_heartbeat(parent)
+    status, summary, procs = 0, None, []
+    try:
+        gpus = visible_gpus()
+        # Own sessions: a terminal's Ctrl-C reaches this process only, which passes exactly one SIGINT on
+        # (a second one would interrupt a worker while it ends its trial cleanly).
+        procs = [subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker", str(first_slot + i)],
+                                  start_new_session=True, env=worker_env(sweep, i, workers, parent, deadline, gpus))
+                 for i in range(workers)]
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        status = watch(study, sweep, procs, say, quiet)
+        status = worker_status(status, procs, first_slot)
+        try:
+            with study_lock(sweep):  # as in the workers: never two processes deleting one run's files
+                retain(study, sweep)
+        except Exception as e:
+            print(f"alexnet sweep: deleting old checkpoints failed ({first_line(e)}); "
+                  f"the next run of this command tries again", file=sys.stderr)
+        summary = summarize(study, sweep, parent)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_heartbeat()
+        done, running, _ = tally(study)
+        complete = (not sweep.n_trials or len(done) >= sweep.n_trials) and not running
+        if status == 0 and summary is None:
+            status = 1  # the summary itself failed
+        if status == 0 and not complete and not running and not deadline:
+            status = 1
+        if status != 0 or not running:
+            mlflow.MlflowClient().set_terminated(parent, "FINISHED" if status == 0 else "KILLED")
+    return {**summary, "status": status, "parent": parent, "study": study, "complete": complete}
+
+
+def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
+    """Until the workers exit: one line per finished trial, a progress bar with the best value so far.
+    Ctrl-C stops the workers (their trials end KILLED and are queued again) and returns 130."""
+    done, _, _ = tally(study)
+    seen, failed_once = {t.number for t in done}, set()
+    bar = tqdm(total=sweep.n_trials or None, initial=len(done), unit="trial", disable=True if quiet else None,
+               dynamic_ncols=True, desc=f"sweep {sweep.study}", file=sys.stderr)
+
+    def poll(final=False):
+        trials = study.get_trials(deepcopy=False)
+        retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
+        for t in trials:
+            if t.state.is_finished() and t.number not in seen:
+                # A dead worker's trial is failed a moment before its retry is queued: give the retry
+                # one poll to appear, so the line can say which trial retries it.
+                if t.state.name == "FAIL" and t.number not in retried_as and t.number not in failed_once and not final:
+                    failed_once.add(t.number)
+                    continue
+                seen.add(t.number)
+                say(trial_line(t, sweep.objective, retried_as))
+        finished, _, _ = tally(study, trials)
+        bar.n = len(finished)
+        best = ranked(study, sweep.direction, trials)
+        if best:
+            bar.set_postfix_str(f"best {best[0].value:.4f} (trial {best[0].number})", refresh=False)
+        bar.refresh()
+
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            poll()
+        poll(final=True)
+        return 0
+    except KeyboardInterrupt:
+        say("interrupted: stopping the workers (their trials end KILLED and are queued again)")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        poll(final=True)
+        return 130
+    finally:
+        bar.close()
+
+
+def worker_status(status: int, procs: list, first_slot: int) -> int:
+    """The sweep's exit status from the workers' (a worker killed or failing makes it 1; one that refused
+    its input, 2), with a line for each that did not end well."""
+    for i, p in enumerate(procs):
+        if p.returncode not in (0, 130) and status == 0:
+            status = 2 if p.returncode == 2 else 1
+        if p.returncode and p.returncode < 0:
+            print(f"alexnet sweep: worker {first_slot + i} (pid {p.pid}) was killed by "
+                  f"{signal.Signals(-p.returncode).name}: its trial is retried with the same params when the study "
+                  f"resumes (run the same command again)", file=sys.stderr)
+        elif p.returncode not in (0, 2, 130):
+            print(f"alexnet sweep: worker {first_slot + i} (pid {p.pid}) exited with status {p.returncode}",
+                  file=sys.stderr)
+    return status

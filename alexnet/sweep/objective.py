@@ -1,0 +1,62 @@
+"""One trial, as optuna-examples writes an objective: suggest the params, train with the very same
+`tracked_train` a single run uses (the trial is a child MLflow run of the study's parent), report every
+epoch to the pruner, return the objective's last value."""
+
+from __future__ import annotations
+
+import optuna
+
+from alexnet.config import FIELDS, Config
+from alexnet.redact import redact
+from alexnet.sweep.spec import Sweep
+from alexnet.tracking import StopRun, tracked_train
+from alexnet.train import Diverged
+
+
+def suggest(trial, space: dict) -> dict:
+    params = {}
+    for name, s in space.items():
+        if "choices" in s:
+            params[name] = trial.suggest_categorical(name, s["choices"])
+        elif FIELDS[name].type == "int":
+            params[name] = trial.suggest_int(name, s["low"], s["high"], step=s["step"] or 1, log=s["log"])
+        else:
+            params[name] = trial.suggest_float(name, s["low"], s["high"], step=s["step"], log=s["log"])
+    return params
+
+
+def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release) -> float:
+    params = suggest(trial, sweep.space)  # under the study lock: other workers' constant liar sees these
+    release()  # the trial is RUNNING, with its params and a heartbeat: others may count it now
+    cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
+
+    def report(record, run_id):
+        trial.report(record.metrics()[sweep.objective], record.epoch)
+        if trial.should_prune():
+            raise StopRun("KILLED", {"sweep.state": "PRUNED", "sweep.pruned_epoch": str(record.epoch)})
+
+    try:
+        run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot),
+                            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                            on_epoch=report, progress=False)
+    except StopRun as e:
+        raise optuna.TrialPruned(f"pruned at epoch {e.tags['sweep.pruned_epoch']}") from None
+    except Exception as e:
+        trial.set_user_attr("fail_reason", redact(f"{'diverged' if isinstance(e, Diverged) else type(e).__name__}: {e}")[:2000])
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the worker queues the trial again
+        trial.set_user_attr("fail_reason", "interrupted")
+        raise
+    return run.records[-1].metrics()[sweep.objective]
+
+
+def trial_tags(trial, sweep: Sweep, slot: int) -> dict[str, str]:
+    """What ties the trial's run to the study: study, trial number, worker, and the trial it retries."""
+    tags = {"sweep.study": sweep.study, "sweep.trial": str(trial.number), "sweep.role": "trial",
+            "sweep.worker": str(slot)}
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
+    if history:  # a queued copy of a trial whose worker died or was interrupted
+        tags["sweep.retry_of"] = str(history[-1])
+    if trial.user_attrs.get("baseline"):
+        tags["sweep.baseline"] = "true"
+    return tags

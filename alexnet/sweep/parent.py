@@ -1,0 +1,44 @@
+"""The study's runs in MLflow: one parent run per study, one child run per trial (`sweep.trial`), and
+confirmation runs (`sweep.role=confirm`). Torch-free: the launcher uses it."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from alexnet import UsageError, store
+from alexnet.redact import first_line
+
+
+def trial_runs(study_name: str, role: str = "trial", experiment: str | None = None) -> list:
+    """The study's child runs (MLflow Run objects) with the given `sweep.role`."""
+    name = study_name.replace("'", "\\'")
+    exps = [store.experiment_id(experiment)] if experiment else [e.experiment_id for e in mlflow.search_experiments()]
+    return mlflow.search_runs(exps, f"tags.`sweep.study` = '{name}' and tags.`sweep.role` = '{role}'",
+                              output_format="list", max_results=50000)
+
+
+def end_trial_runs(study, number: int, status: str, tags: dict) -> None:
+    """End the MLflow run(s) of a trial still marked RUNNING (its worker died)."""
+    client = mlflow.MlflowClient()
+    for run in trial_runs(study.study_name, experiment=study.user_attrs.get("mlflow_experiment")):
+        if run.data.tags.get("sweep.trial") == str(number) and run.info.status == "RUNNING":
+            for k, v in tags.items():
+                client.set_tag(run.info.run_id, k, v)
+            client.set_terminated(run.info.run_id, status)
+
+
+def existing_parent(run_id: str | None) -> str | None:
+    """The study's parent run id if that run exists and is not deleted; None if it never existed or is
+    gone. Any other error (the store does not answer) is an error, not "no parent yet": taking it for
+    one would start a second parent run."""
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise UsageError(f"sweep: cannot look up the study's parent run {run_id} ({first_line(e)})") from None
+    return run_id if run.info.lifecycle_stage == "active" else None

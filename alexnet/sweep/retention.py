@@ -1,0 +1,34 @@
+"""Disk in a sweep: only the top `keep_top` trials keep their checkpoints and models; the others' are
+deleted once they can no longer be needed (never a running trial's). Params, metrics and plots stay.
+Callers hold the study lock, so two processes never delete the same run's artifacts."""
+
+from __future__ import annotations
+
+from alexnet import disk
+from alexnet.sweep.parent import trial_runs
+from alexnet.sweep.spec import Sweep
+from alexnet.sweep.study import FINISHED_STATES, ranked
+
+
+def retain(study, sweep: Sweep) -> int:
+    """Delete the checkpoints and models of finished trials outside the top `keep_top` (pruned,
+    failed, retried or pushed out); never a running trial's. Returns the bytes freed."""
+    # The ranking and the states come from one snapshot: a trial that completes in between must not
+    # look finished yet missing from the top (another worker's trial can end at any moment).
+    trials = study.get_trials(deepcopy=False)
+    keep = {t.number for t in ranked(study, sweep.direction, trials)[:sweep.keep_top]}
+    states = {t.number: t.state.name for t in trials}
+    freed = 0
+    for run in trial_runs(sweep.study, experiment=sweep.config["experiment"]):
+        tags = run.data.tags
+        number = int(tags.get("sweep.trial", -1))
+        if number in keep or states.get(number) not in FINISHED_STATES or run.info.status == "RUNNING" \
+                or tags.get("checkpoints") == "deleted":
+            continue
+        freed += disk.delete_checkpoints(run.info.run_id)  # tags the run checkpoints=deleted
+    return freed
+
+
+def disk_usage(sweep: Sweep) -> int:
+    """Bytes the study's trial runs hold (artifacts and logged models)."""
+    return sum(disk.run_disk_usage(r.info.run_id) for r in trial_runs(sweep.study, experiment=sweep.config["experiment"]))

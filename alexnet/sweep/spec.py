@@ -1,0 +1,210 @@
+"""A sweep file (`sweeps/*.toml`), read and checked before anything runs: no torch, MLflow or Optuna
+is imported here, so `alexnet sweep FILE` answers a bad file at once.
+
+A sweep file names the base experiment, the fields every trial fixes (`[set]`), the search space
+(`[space]`: `{low, high, log, step}` or `{choices}` per config field), the trial count and time budget,
+the objective and its direction, the sampler, the pruner, retention and the heartbeat. Every value it
+can take is checked against the config: a space whose corner makes an invalid config is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from alexnet import UsageError
+from alexnet.config import FIELDS, MIN_RESIZE, Config, _f, check_keys, parse_sets, read_toml
+from alexnet.home import default_storage
+from alexnet.redact import redact
+
+SPEC_ENV = "ALEXNET_SWEEP_SPEC"  # the resolved sweep, as JSON, handed by the launcher to its workers
+@dataclass(frozen=True)
+class Sweep:
+    # --- Keys of a sweep file (sweeps/*.toml), besides the tables [space] and [set] ---
+    study: str = _f("", "study name (Optuna) and parent run name (MLflow); empty: the file's name")
+    base: str = _f("", "experiment file every trial starts from, relative to the sweep file; empty: the defaults")
+    n_trials: int = _f(20, "trials to finish in all, across workers and resumes; 0: no count, only the time budget")
+    timeout_minutes: float = _f(0.0, "stop starting new trials after this many minutes of this command; 0: none")
+    objective: str = _f("test/best_acc", "the per-epoch metric reported to the pruner; its last value is the trial's")
+    direction: str = _f("maximize", "maximize or minimize the objective")
+    sampler: str = _f("tpe", "tpe (multivariate, constant liar) or random; both seeded")
+    seed: int = _f(0, "sampler seed of the study's first worker; each later worker gets the next one")
+    pruner: str = _f("median", "median, hyperband or none")
+    pruner_startup_trials: int = _f(5, "median pruner: trials that must finish before any is pruned")
+    pruner_warmup_epochs: int = _f(1, "epochs every trial trains before it may be pruned")
+    keep_top: int = _f(3, "keep the checkpoints and models of this many best trials; params, metrics, plots always stay")
+    enqueue_base: bool = _f(True, "run the base experiment's own values as the first trial (the baseline to beat)")
+    heartbeat_seconds: int = _f(10, "a running trial writes a heartbeat this often")
+    grace_seconds: int = _f(60, "a trial silent this long is failed (its worker died) and retried with the same params")
+    max_retry: int = _f(3, "times a trial whose worker died is retried")
+    # --- Resolved by load_sweep, not keys of the file ---
+    space: dict = field(default_factory=dict)   # config field -> {low, high, log, step} or {choices}
+    config: dict = field(default_factory=dict)  # the base config every trial starts from, checked
+    source: str = ""                            # the sweep file
+    storage: str = ""                           # Optuna RDB URL
+
+
+FILE_KEYS = {f.name for f in dataclasses.fields(Sweep) if "help" in f.metadata}
+SPEC_KEYS = ("low", "high", "log", "step", "choices")
+SAMPLERS, PRUNERS, DIRECTIONS = ("tpe", "random"), ("median", "hyperband", "none"), ("maximize", "minimize")
+
+
+# The keys of `EpochRecord.metrics()` (listed here so that checking a sweep file needs no torch;
+# tests/test_sweep.py checks the two agree).
+OBJECTIVES = ("train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
+              "perf/wall_examples_per_sec", "perf/epoch_seconds")
+
+
+def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = None,
+               storage: str | None = None) -> Sweep:
+    """Read and check a sweep file; `--set` fixes config fields for every trial (a searched field
+    that is `--set` leaves the search space)."""
+    path = Path(path)
+    where = f"sweep {path}"
+    table = read_toml(path)
+    unknown = sorted(set(table) - FILE_KEYS - {"space", "set"})
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FILE_KEYS))}, [space], [set])")
+    space, fixed = table.pop("space", {}), table.pop("set", {})
+    if not isinstance(space, dict) or not isinstance(fixed, dict):
+        raise UsageError(f"{where}: space and set must be tables ([space] / [set])")
+    check_keys(fixed, f"{where} [set]")
+    both = sorted(set(space) & set(fixed))
+    if both:
+        raise UsageError(f"{where}: {both[0]!r} is both searched ([space]) and fixed ([set]): keep one")
+    for f in dataclasses.fields(Sweep):  # TOML types against the field types
+        if f.name in table:
+            if f.type == "float" and type(table[f.name]) is int:
+                table[f.name] = float(table[f.name])
+            elif type(table[f.name]).__name__ != f.type:
+                raise UsageError(f"{where}: {f.name} must be {f.type}, got {table[f.name]!r}")
+    sweep = Sweep(**table)
+    cli = parse_sets(list(sets))
+
+    # The base config: defaults, the base experiment file, the file's [set], then --set.
+    base_file = (path.parent / sweep.base) if sweep.base else None
+    values = {}
+    if base_file is not None:
+        values = read_toml(base_file)
+        check_keys(values, str(base_file))
+    values.update(fixed)
+    values.update(cli)
+    try:
+        config = Config(**values)
+    except UsageError as e:
+        raise UsageError(f"{where}: base config: {e}") from None
+    for name in cli:
+        space.pop(name, None)  # --set fixes a searched field for every trial
+
+    checks = {
+        "study": (sweep.study == "" or sweep.study.strip() != "", "a name"),
+        "n_trials": (sweep.n_trials >= 0, ">= 0"),
+        "timeout_minutes": (sweep.timeout_minutes >= 0, ">= 0"),
+        "objective": (sweep.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+        "direction": (sweep.direction in DIRECTIONS, " or ".join(DIRECTIONS)),
+        "sampler": (sweep.sampler in SAMPLERS, " or ".join(SAMPLERS)),
+        "pruner": (sweep.pruner in PRUNERS, ", ".join(PRUNERS)),
+        "seed": (sweep.seed >= 0, ">= 0"),
+        "pruner_startup_trials": (sweep.pruner_startup_trials >= 0, ">= 0"),
+        "pruner_warmup_epochs": (sweep.pruner_warmup_epochs >= 0, ">= 0"),
+        "keep_top": (sweep.keep_top >= 0, ">= 0"),
+        "heartbeat_seconds": (sweep.heartbeat_seconds >= 1, ">= 1"),
+        "grace_seconds": (sweep.grace_seconds > sweep.heartbeat_seconds, "more than heartbeat_seconds"),
+        "max_retry": (sweep.max_retry >= 0, ">= 0"),
+    }
+    for name, (ok, allowed) in checks.items():
+        if not ok:
+            raise UsageError(f"{where}: {name} = {getattr(sweep, name)!r} is not allowed (use {allowed})")
+    if n_trials is not None:
+        if n_trials < 0:
+            raise UsageError(f"sweep: --n-trials must be >= 0, got {n_trials}")
+        sweep = dataclasses.replace(sweep, n_trials=n_trials)
+    if sweep.n_trials == 0 and sweep.timeout_minutes == 0:
+        raise UsageError(f"{where}: neither n_trials nor timeout_minutes is set: the sweep would never end")
+
+    space = {name: _check_space(where, name, spec, config, sweep.enqueue_base) for name, spec in space.items()}
+    if not space:
+        raise UsageError(f"{where}: [space] searches nothing: add e.g. lr = {{ low = 0.001, high = 0.1, log = true }}")
+    return dataclasses.replace(sweep, study=sweep.study or path.stem, space=space, config=asdict(config),
+                               source=str(path), storage=check_storage(storage or default_storage()))
+
+
+# The storages whose workers can share a lock (see alexnet/sweep/study.py), which keeps the trial count
+# exact: a SQLite file lives on one machine, and its lock is a file lock beside it.
+LOCKABLE = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage(url: str) -> str:
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in LOCKABLE:
+        raise UsageError(f"sweep: storage {redact(url)}: the sweep locks its study across workers to keep the trial "
+                         f"count exact, which only {', '.join(LOCKABLE)} storages allow: use e.g. "
+                         f"postgresql+psycopg://USER@HOST/DB or sqlite:////ABS/PATH/optuna.db")
+    return url
+
+
+def _check_space(where: str, name: str, spec, config: Config, enqueue_base: bool) -> dict:
+    """One [space] entry, checked: every value it can take must make a valid config."""
+    check_keys([name], f"{where} [space]")
+    where = f"{where}: space.{name}"
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: want a table like {{ low = 0.001, high = 0.1, log = true }} or {{ choices = [...] }}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (use {', '.join(SPEC_KEYS)})")
+    kind = FIELDS[name].type
+
+    def valid(value, what):
+        try:
+            return getattr(Config(**{**asdict(config), name: value}), name)
+        except UsageError as e:
+            hint = f" (the network needs resize >= {MIN_RESIZE})" if name == "resize" else ""
+            raise UsageError(f"{where}: {what} {value!r}: {str(e).removeprefix('config: ')}{hint}") from None
+
+    if "choices" in spec:
+        if set(spec) != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise UsageError(f"{where}: choices = [...] is a non-empty list and goes alone")
+        out = {"choices": [valid(v, "choice") for v in spec["choices"]]}
+        inside = getattr(config, name) in out["choices"]
+    else:
+        if kind not in ("int", "float"):
+            raise UsageError(f"{where}: {name} is {kind}: search it with choices = [...]")
+        if "low" not in spec or "high" not in spec:
+            raise UsageError(f"{where}: give low and high (or choices)")
+        low, high = valid(spec["low"], "low"), valid(spec["high"], "high")
+        if low > high:
+            raise UsageError(f"{where}: low {low!r} > high {high!r}")
+        log, step = spec.get("log", False), spec.get("step")
+        if not isinstance(log, bool):
+            raise UsageError(f"{where}: log must be true or false")
+        if log and step is not None:
+            raise UsageError(f"{where}: log and step cannot go together (Optuna)")
+        if step is not None and not (isinstance(step, (int, float)) and step > 0 and (kind == "float" or isinstance(step, int))):
+            raise UsageError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}")
+        out = {"low": low, "high": high, "log": log, "step": step}
+        inside = low <= getattr(config, name) <= high
+    if enqueue_base and not inside:
+        raise UsageError(f"{where}: the base value {getattr(config, name)!r} is outside the space: "
+                         f"widen it, or set enqueue_base = false")
+    return out
+
+
+def describe_space(space: dict) -> str:
+    parts = []
+    for name, s in space.items():
+        if "choices" in s:
+            parts.append(f"{name} one of {s['choices']}")
+        else:
+            kind = "log-uniform" if s["log"] else "uniform"
+            parts.append(f"{name} {kind} [{s['low']:g}, {s['high']:g}]" + (f" step {s['step']:g}" if s["step"] else ""))
+    return "; ".join(parts)
+
+
+def format_params(params: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def base_params(sweep: Sweep) -> dict:
+    return {name: sweep.config[name] for name in sweep.space}

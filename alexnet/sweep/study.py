@@ -1,0 +1,177 @@
+"""The Optuna side of a sweep: the storage (with heartbeats), sampler, pruner and study, the lock that
+serialises "count the trials, then start one" across workers, and the counting itself.
+
+Exactly N trials, whatever dies (heartbeats and `MaxTrialsCallback` alone overshoot and leave a killed
+trial RUNNING): a worker takes the study lock, fails stale trials (no heartbeat for `grace_seconds`:
+their MLflow run ends FAILED and a WAITING copy with the same params is queued), counts finished +
+running trials, and then starts one more trial (a queued copy first), waits for the running ones, or
+stops. The lock is released once the new trial is RUNNING with its params. The lock holds across
+machines: a PostgreSQL advisory lock or a MySQL named lock on the storage's own server; a SQLite file
+lives on one machine, and its lock is a file lock beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+import zlib
+
+import optuna
+import sqlalchemy
+from filelock import FileLock
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from alexnet import UsageError
+from alexnet.home import SQLITE_TIMEOUT_S, default_storage, mlruns_dir, sqlite_path
+from alexnet.redact import first_line, redact
+from alexnet.sweep.parent import end_trial_runs
+from alexnet.sweep.spec import Sweep
+
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+
+
+def open_storage(sweep: Sweep) -> RDBStorage:
+    """Optuna RDB storage with heartbeats: a trial whose worker died is failed after `grace_seconds`
+    and queued again with the same params (RetryHeartbeatStaleTrialCallback, wrapped to end its
+    MLflow run too)."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry)
+
+    def on_stale(study, trial):
+        retry(study, trial)
+        try:
+            end_trial_runs(study, trial.number, "FAILED", {
+                "sweep.state": "FAIL", "failure_reason": "worker_lost",
+                "failure": f"no heartbeat for {sweep.grace_seconds} s: its worker died; retried with the same params"})
+        except Exception as e:  # the trial is retried all the same; `alexnet runs` shows the run as stale
+            print(f"alexnet sweep: could not end the MLflow run of dead trial {trial.number} ({first_line(e)})",
+                  file=sys.stderr)
+
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sweep.storage.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(sweep.storage, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_seconds,
+                          grace_period=sweep.grace_seconds, heartbeat_stale_trial_callback=on_stale)
+    except Exception as e:
+        raise UsageError(f"sweep: cannot open the Optuna storage {redact(sweep.storage)} ({first_line(e)}): "
+                         f"use an RDB URL such as sqlite:////ABS/PATH/optuna.db or postgresql+psycopg://...") from None
+
+
+def make_sampler(sweep: Sweep, seed: int):
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+def make_pruner(sweep: Sweep):
+    if sweep.pruner == "median":
+        # Epochs are steps 1..E; pruning may start once `warmup` epochs are done.
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                           n_warmup_steps=sweep.pruner_warmup_epochs + 1)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, sweep.pruner_warmup_epochs),
+                                              max_resource=sweep.config["epochs"])
+    return optuna.pruners.NopPruner()
+
+
+def open_study(sweep: Sweep, seed: int | None = None) -> optuna.Study:
+    return optuna.create_study(storage=open_storage(sweep), study_name=sweep.study, direction=sweep.direction,
+                               sampler=make_sampler(sweep, sweep.seed if seed is None else seed),
+                               pruner=make_pruner(sweep), load_if_exists=True)
+
+
+def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.Study:
+    """An existing study made by `alexnet sweep`, or a UsageError naming the studies there are."""
+    storage = storage or default_storage()
+    path = sqlite_path(storage)
+    if path is not None and not path.is_file():
+        raise UsageError(f"{what}: no sweeps yet ({path} does not exist): run `alexnet sweep FILE` first, "
+                         f"or name the storage with --storage")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        names = optuna.study.get_all_study_names(storage)
+    except Exception as e:
+        raise UsageError(f"{what}: cannot open the Optuna storage {redact(storage)} ({first_line(e)})") from None
+    if name not in names:
+        raise UsageError(f"{what}: no study {name!r} in {redact(storage)} (studies: {', '.join(names) or 'none'}): "
+                         f"run `alexnet sweep FILE` first")
+    study = optuna.load_study(study_name=name, storage=storage)
+    if "base_config" not in study.user_attrs or "mlflow_parent_run_id" not in study.user_attrs:
+        raise UsageError(f"{what}: study {name!r} was not made by `alexnet sweep` (no base config or parent run)")
+    return study
+
+
+# --- The lock ---------------------------------------------------------------------------------------
+
+class ServerLock:
+    """A named lock held on the storage's own database server, so workers on every machine that share
+    the database are serialised: PostgreSQL's advisory lock, MySQL's GET_LOCK. A worker that dies
+    drops its connection, and the server releases its lock."""
+
+    SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+           "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)")}
+
+    def __init__(self, url: str, key: int):
+        self.kind = url.split(":")[0].split("+")[0]
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self.args, self.conn = {"key": key, "name": f"alexnet-sweep-{key:08x}"}, None
+
+    def acquire(self):
+        self.conn = self.engine.connect()
+        self.conn.execute(sqlalchemy.text(self.SQL[self.kind][0]), self.args)
+
+    def release(self):
+        self.conn.execute(sqlalchemy.text(self.SQL[self.kind][1]), self.args)
+        self.conn.close()
+        self.conn = None
+
+    def __enter__(self):
+        self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def study_lock(sweep: Sweep):
+    """The lock around 'count the trials, then start one' (and around retention)."""
+    key = zlib.crc32(sweep.study.encode())
+    if sweep.storage.startswith(("postgresql", "mysql")):
+        return ServerLock(sweep.storage, key)
+    path = sqlite_path(sweep.storage)
+    folder = path.parent if path is not None else mlruns_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f".optuna-{key:08x}.lock"))
+
+
+# --- Counting -----------------------------------------------------------------------------------------
+
+def tally(study, trials: list | None = None):
+    """(finished, running, waiting) trials. A trial failed because its worker died and queued again
+    does not count: its retry does."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    done = [t for t in trials if t.state.is_finished() and t.number not in retried]
+    return (done, [t for t in trials if t.state == TrialState.RUNNING],
+            [t for t in trials if t.state == TrialState.WAITING])
+
+
+def next_step(study, sweep: Sweep, deadline: float) -> str:
+    """Under the lock: 'start' one more trial, 'wait' for the running ones, or 'stop'."""
+    optuna.storages.fail_stale_trials(study)
+    if deadline and time.time() > deadline:
+        return "stop"
+    done, running, _ = tally(study)
+    if not sweep.n_trials or len(done) + len(running) < sweep.n_trials:
+        return "start"
+    return "wait" if running else "stop"
+
+
+def ranked(study, direction: str | None = None, trials: list | None = None) -> list:
+    """COMPLETE trials (of `trials`, else the study's now), best first (ties: the earlier trial first)."""
+    sign = -1 if (direction or study.user_attrs.get("direction", "maximize")) == "maximize" else 1
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    return sorted(done, key=lambda t: (sign * t.value, t.number))

@@ -1,0 +1,149 @@
+"""A sweep worker: one process (`python -m alexnet.sweep.worker SLOT`, started by the launcher) that runs
+trials one at a time until the study has its count.
+
+Each round, under the study lock: fail stale trials, count, then start one more trial (the objective
+releases the lock once the trial is RUNNING with its params), wait for the running ones, or stop. After
+each trial, under the lock again, retention deletes the checkpoints of trials outside the top K. Ctrl-C
+or SIGTERM ends the running trial (its run KILLED) and queues it again; a full disk queues it again and
+stops the worker, since every later trial would fail the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import time
+
+import mlflow
+import optuna
+import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from alexnet import UsageError, data, store
+from alexnet.config import Config
+from alexnet.redact import first_line
+from alexnet.sweep.objective import objective
+from alexnet.sweep.retention import retain
+from alexnet.sweep.spec import SPEC_ENV, Sweep
+from alexnet.sweep.study import next_step, open_study, study_lock
+from alexnet.train import check_device
+
+
+class Round:
+    """The study lock, held for one round; `release()` may come early (once the trial is RUNNING)."""
+
+    def __init__(self, lock):
+        self.lock, self.held = lock, False
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.held = True
+        return self
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
+    """Start trials, one at a time, until the count is reached; 0 when the study needs no more."""
+    study = open_study(sweep, seed=sweep.seed + slot)
+    lock = study_lock(sweep)
+    while True:
+        with Round(lock) as held:
+            step = next_step(study, sweep, deadline)
+            if step == "start":
+                run_trial(study, sweep, slot, parent, held.release)
+        if step == "stop":
+            return 0
+        if step == "wait":
+            time.sleep(sweep.heartbeat_seconds)
+            continue
+        try:
+            with lock:
+                retain(study, sweep)
+        except Exception as e:  # disk is reclaimed after the next trial or by the launcher; the sweep goes on
+            print(f"alexnet sweep: worker {slot}: deleting old checkpoints failed ({first_line(e)})", file=sys.stderr)
+
+
+def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
+    """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial."""
+    current = {}
+
+    def func(trial):
+        current["id"] = trial._trial_id
+        if trial.user_attrs.get("fail_reason"):  # a retry starts with its failed original's attributes
+            trial.set_user_attr("fail_reason", "")
+        try:
+            return objective(trial, sweep, parent, slot, release)
+        except OSError as e:
+            current["disk_full"] = disk_full(e)
+            raise
+
+    try:
+        study.optimize(func, n_trials=1, catch=(Exception,))
+    except BaseException:  # Ctrl-C or SIGTERM: Optuna marked the trial FAIL; queue it again for a resume
+        if "id" in current:
+            requeue(study, current["id"])
+        raise
+    if "id" not in current:
+        return
+    frozen = study._storage.get_trial(current["id"])
+    if frozen.user_attrs.get("mlflow_run_id"):
+        mlflow.MlflowClient().set_tag(frozen.user_attrs["mlflow_run_id"], "sweep.state", frozen.state.name)
+    if current.get("disk_full"):
+        requeue(study, current["id"])
+        raise UsageError(f"trial {frozen.number} failed: {current['disk_full']}: the disk takes no more; "
+                         f"free space, then run the same command: the trial runs again")
+
+
+def requeue(study, trial_id: int) -> None:
+    """Queue a WAITING copy (same params) of a trial that ended FAIL through no fault of its own."""
+    frozen = study._storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        RetryHeartbeatStaleTrialCallback()(study, frozen)
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The OSError behind `error` that says the disk takes no more (full, over quota, over the file
+    size limit), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main(slot: int) -> int:
+    """The worker process: the spec comes from the launcher in $ALEXNET_SWEEP_SPEC."""
+    spec = json.loads(os.environ[SPEC_ENV])
+    sweep = Sweep(**spec["sweep"])
+    sys.argv = spec["argv"]  # the command the user typed, for the runs' `command` tag
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends the trial like Ctrl-C: KILLED, queued again
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the launcher prints one line per trial
+    try:
+        # A missing GPU or missing data: one line now, not a failed trial per try.
+        check_device(Config(**sweep.config))
+        data.prepare(sweep.config["data_dir"])
+        store.set_up_store()
+        return work(sweep, slot, spec["parent"], spec["deadline"])
+    except UsageError as e:
+        print(f"alexnet sweep: worker {slot}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
