@@ -11,6 +11,20 @@ from pathlib import Path
 from alexnet import UsageError
 
 
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; anything else is argparse's one-line error, exit 2."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"want {low} to {high}, got {value}" if high is not None
+                                             else f"want {low} or more, got {value}")
+        return value
+    return parse
+
+
 def add_config_args(p: argparse.ArgumentParser, file_required: bool = True):
     p.add_argument("file", nargs=None if file_required else "?", help="experiment TOML file (overrides of the defaults)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -225,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print the network's layer shapes and parameter count",
                        description="The chapter's layer-by-layer output shapes for one input image.")
-    p.add_argument("--resize", type=int, default=224, help="input side in pixels (default: 224)")
+    p.add_argument("--resize", type=integer(1), default=224, help="input side in pixels (default: 224)")
     p.set_defaults(run=cmd_summary)
 
     p = sub.add_parser("config", help="print the resolved config as TOML", epilog=fields_help,
@@ -240,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="sweep TOML file (sweeps/*.toml: base experiment, [space], trials, sampler, pruner)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
-    p.add_argument("--n-trials", type=int, metavar="N", help="trials to finish in all (overrides the file)")
+    p.add_argument("--n-trials", type=integer(0), metavar="N", help="trials to finish in all (overrides the file)")
     p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
+    p.add_argument("--workers", type=integer(1), default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
     add_tracking_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-trial lines")
@@ -253,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "baseline, and whether the winner beats the baseline beyond seed noise "
                                    "(Welch's t-test, one-sided, p < 0.05).")
     p.add_argument("study", help="the study name (a sweep file's `study`, or its file name)")
-    p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default: 3)")
-    p.add_argument("--seeds", type=int, default=3, metavar="S", help="fresh seeds per configuration (default: 3)")
+    p.add_argument("--top", type=integer(1), default=3, metavar="K", help="configurations to confirm (default: 3)")
+    p.add_argument("--seeds", type=integer(2), default=3, metavar="S", help="fresh seeds per configuration, at least 2 to measure seed noise (default: 3)")
     p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_tracking_arg(p)
@@ -272,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="best_acc", metavar="COLUMN", help="column to sort by (default: best_acc, "
                    "best first; names A-Z)")
     p.add_argument("--reverse", action="store_true", help="reverse the sort order")
-    p.add_argument("--limit", type=int, metavar="N", help="show the first N runs only")
+    p.add_argument("--limit", type=integer(1), metavar="N", help="show the first N runs only")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     out.add_argument("--json", action="store_true", help="print JSON records instead of a table")
@@ -284,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="the MLflow UI on the project's runs (127.0.0.1:5000)",
                        description="Start the MLflow UI on the project's store, wait until it answers and print "
                                    "the URL of the experiment's runs page. Ctrl-C stops it.")
-    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--port", type=integer(1, 65535), default=5000, help="port (default: 5000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--allowed-hosts", metavar="HOSTS", help="comma-separated Host names clients may use; "
                    "required with a --host beyond loopback (e.g. myserver:5000)")

@@ -322,7 +322,8 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
 
     # --- Training ---
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    bar = tqdm(total=(cfg.epochs - first_epoch + 1) * steps_per_epoch, unit="step", disable=not progress,
+    # No bar when output is not a terminal (`disable=None`): a log file would get a line per refresh.
+    bar = tqdm(total=(cfg.epochs - first_epoch + 1) * steps_per_epoch, unit="step", disable=None if progress else True,
                dynamic_ncols=True, leave=False)
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):

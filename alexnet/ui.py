@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
-import mlflow
 
 from alexnet import UsageError, store
 from alexnet.home import artifacts_dir, is_local_default, where
@@ -107,11 +106,11 @@ def stop(proc: subprocess.Popen) -> None:
 def serve(host: str, port: int, allowed_hosts: str | None, experiment: str) -> int:
     """`alexnet ui`: start, print the runs page's URL, wait for Ctrl-C."""
     uri = store.set_up_store()
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
+    # The project's own experiment is made if missing; any other must exist (a typo is one line, not a UI).
+    exp_id = store.experiment_id(experiment, create=experiment == store.DEFAULT_EXPERIMENT)
     if uri.startswith(("http://", "https://")):
         base = redact(uri)
-        print(runs_url(base, exp.experiment_id) if exp else base)
+        print(runs_url(base, exp_id))
         print(f"(runs are on the tracking server {base}: open it there, no local UI needed)", file=sys.stderr)
         return 0
     artifact_root = artifacts_dir().as_uri() if is_local_default(uri) else None
@@ -120,9 +119,8 @@ def serve(host: str, port: int, allowed_hosts: str | None, experiment: str) -> i
     try:
         print(f"ui: starting the MLflow UI on {redact(where(uri))} ...", file=sys.stderr)
         wait_ready(proc, base)
-        print(runs_url(base, exp.experiment_id) if exp else base)
-        print(f"ui: experiment {experiment!r}" + ("" if exp else " has no runs yet") +
-              f"; server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
+        print(runs_url(base, exp_id))
+        print(f"ui: experiment {experiment!r}; server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
         proc.wait()
         print(f"ui: mlflow ui exited ({proc.returncode}); log: {proc.log_path}", file=sys.stderr)
         return 1

@@ -53,6 +53,14 @@ def wait_for(predicate, timeout, what, every=0.05):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def default_sigint():
+    """A `preexec_fn` for a child the test will Ctrl-C: started from a background job, a process inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler; this restores the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def file_size_limit(nbytes: int):
     """A `preexec_fn` that limits the files the subprocess writes to `nbytes` (`ulimit -f`): it stands
     in for a full disk, as writes past it fail (EFBIG) the way they fail on a full disk (ENOSPC)."""

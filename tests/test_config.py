@@ -100,3 +100,13 @@ def test_mlflow_telemetry_is_off_unless_the_user_chose():
         run_env = env if given is None else {**env, "MLFLOW_DISABLE_TELEMETRY": given}
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True)
         assert out.stdout.strip() == expected, out.stderr
+
+
+@pytest.mark.parametrize("text", ['two\nlines', 'a "quoted" \\ back\\slash', "tab\tand unicode é ✓", "[not] = a table"])
+def test_the_written_config_reads_back_whatever_the_strings_hold(tmp_path, text):
+    """config.toml is what `--resume` and `reproduce` read: a run name or folder with a newline or quotes
+    must survive the round trip (a hand-written writer emitted invalid TOML for a newline)."""
+    cfg = Config(run_name=text, data_dir=text)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg

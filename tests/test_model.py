@@ -3,7 +3,7 @@
 import pytest
 
 from alexnet import UsageError
-from alexnet.model import alexnet, count_parameters, flatten_width, layer_shapes
+from alexnet.model import alexnet, count_parameters, flatten_width, flops_per_image, layer_shapes
 from conftest import run_cli
 
 # Printed in the chapter (d2l 7.1, "每层输出的形状") for X = torch.randn(1, 1, 224, 224).
@@ -74,3 +74,20 @@ def test_a_resize_below_the_minimum_is_refused():
     result = run_cli("summary", "--resize", "50")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "resize" in result.stderr
+
+
+@pytest.mark.parametrize("resize", [67, 128, 224])
+def test_flop_count_agrees_with_torchs_own_counter(resize):
+    """`flops_per_image` (our per-layer arithmetic, behind every TFLOP/s and MFU figure) against PyTorch's
+    FlopCounterMode, which counts the convolutions and matmuls the forward pass actually dispatches."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = alexnet(resize=resize).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(4, 1, resize, resize))
+    assert flops_per_image(resize) == counter.get_total_flops() // 4
+
+
+def test_the_forward_pass_at_224_is_1_876_gflop():
+    assert flops_per_image(224) == 1_876_292_352  # d2l 7.1's network, one 1x224x224 image

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from alexnet import checkpoint, cli, runs, store
-from conftest import ROOT, wait_for
+from conftest import ROOT, default_sigint, wait_for
 
 SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
         "eval_batch_size=100", "seed=3"]
@@ -108,7 +108,7 @@ def test_ctrl_c_ends_the_run_killed_with_whole_checkpoints(home, tmp_path):
     the epochs already logged each once and behind a whole checkpoint, no temporary file left."""
     sets = [a for s in SETS + ["epochs=20"] for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--quiet", os.devnull, *sets], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         wait_for(lambda: last_checkpoints(home) or proc.poll() is not None, 300, "the first checkpoint")
         store.set_up_store()

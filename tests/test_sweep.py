@@ -21,7 +21,7 @@ import pytest
 
 from alexnet import UsageError, cli
 from alexnet.sweep.spec import load_sweep
-from conftest import ROOT, file_size_limit, wait_for
+from conftest import ROOT, default_sigint, file_size_limit, wait_for
 
 TINY = """
 [set]
@@ -230,7 +230,7 @@ lr = { low = 0.005, high = 0.05, log = true }
 
     def launch():
         return subprocess.Popen(cmd, cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=default_sigint)
 
     # 1. Ctrl-C mid-trial.
     launcher = launch()
@@ -480,3 +480,39 @@ def test_workers_get_a_share_of_the_cores_and_gpus_round_robin():
     threads = max(1, len(os.sched_getaffinity(0)) // 3)
     assert all(json.loads(e[SPEC_ENV])["threads"] == threads == int(e["OMP_NUM_THREADS"]) for e in envs)
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(sweep, 0, 1, "p", 0.0, ["0"]) or os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_the_launchers_retention_holds_the_study_lock_and_its_failure_still_ends_the_parent(home, monkeypatch, capsys):
+    """The launcher's last retention runs under the study lock, as the workers' does (two processes never
+    delete one run's files), and a retention error is one line: the parent run still ends FINISHED."""
+    import fcntl
+
+    from alexnet.sweep import launcher
+    from alexnet.sweep.study import study_lock
+
+    path = write_sweep(home, "guarded", """
+study = "guarded"
+n_trials = 1
+pruner = "none"
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+""", epochs=1)
+    sweep = load_sweep(path)
+    seen = {}
+
+    def failing_retain(study, spec):
+        with open(study_lock(spec).lock_file, "a") as probe:  # another holder: a non-blocking lock fails
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen["locked"] = False
+            except BlockingIOError:
+                seen["locked"] = True
+        raise RuntimeError("artifact server went away")
+
+    monkeypatch.setattr(launcher, "retain", failing_retain)
+    result = launcher.run_sweep(sweep, 1, quiet=True)
+    assert seen == {"locked": True}
+    assert result["status"] == 0 and result["complete"]
+    assert "deleting old checkpoints failed (RuntimeError: artifact server went away)" in capsys.readouterr().err
+    client, _ = stores(home)
+    assert client.get_run(result["parent"]).info.status == "FINISHED"

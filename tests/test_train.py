@@ -72,3 +72,17 @@ def test_compiled_training_compiles_only_before_the_clock_starts(monkeypatch):
     assert records[0].compile_seconds > 0 and records[1].compile_seconds == 0
     assert after_warmup["graphs"] >= 1
     assert counters["stats"]["unique_graphs"] == after_warmup["graphs"]
+
+
+def test_no_progress_bar_in_a_log_file():
+    """Output that is not a terminal (a log file, a pipe, CI) gets the per-epoch lines, not a progress bar
+    redrawn every second."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "alexnet", "train", "--no-track", "experiments/smoke.toml",
+                             *[f"--set={s}" for s in TINY]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "step/s" not in result.stderr and "it/s" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("training experiments/smoke.toml") and lines[2].startswith("epoch 2/2")

@@ -26,7 +26,7 @@ import pynvml
 from tqdm import tqdm
 
 from alexnet import UsageError, datafiles, store
-from alexnet.home import tracking_uri, where
+from alexnet.home import sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
 from alexnet.sweep.report import summarize, trial_line
@@ -65,6 +65,12 @@ def preflight(sweep: Sweep) -> None:
         raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
                          f"use --set device=cpu or device = \"auto\"")
     datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
+    path = sqlite_path(sweep.storage)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"sweep: cannot make the folder of the Optuna storage {path} ({e.strerror})") from None
     if sweep.storage.split("?")[0].rstrip("/") == tracking_uri().split("?")[0].rstrip("/"):
         raise UsageError("sweep: --storage is MLflow's database: Optuna needs its own (e.g. sqlite:///.../optuna.db)")
     store.set_up_store()

@@ -128,7 +128,10 @@ def main(slot: int) -> int:
     spec = json.loads(os.environ[SPEC_ENV])
     sweep = Sweep(**spec["sweep"])
     sys.argv = spec["argv"]  # the command the user typed, for the runs' `command` tag
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends the trial like Ctrl-C: KILLED, queued again
+    # The launcher stops a worker with SIGINT (and SIGTERM ends the trial the same way: KILLED, queued
+    # again); a launcher started from a background job hands its workers SIGINT ignored, so both are set.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the launcher prints one line per trial
