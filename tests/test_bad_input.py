@@ -5,6 +5,7 @@ The commands run in this process (`cli.main`, stderr captured at the file descri
 torch's own log lines count too); two of them also run as real processes."""
 
 import gzip
+import os
 import socket
 import sqlite3
 import subprocess
@@ -166,5 +167,14 @@ def test_as_real_processes_too(world):
     for argv, words in [(["train", str(files / "binary.toml")], "not a text file"),
                         (["train", "experiments/smoke.toml", "--set", "device=cuda"], "no CUDA GPU")]:
         result = subprocess.run([sys.executable, "-m", "alexnet", *argv], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120, env={**__import__("os").environ, "ALEXNET_HOME": str(home)})
+                                timeout=120, env={**os.environ, "ALEXNET_HOME": str(home)})
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+
+
+def test_a_first_command_on_a_fresh_home_prints_none_of_mlflows_own_lines(tmp_path):
+    """The first command creates the store: MLflow's "Creating initial MLflow database tables..." and its
+    migration lines are not the user's business."""
+    result = subprocess.run([sys.executable, "-m", "alexnet", "runs"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "ALEXNET_HOME": str(tmp_path)})
+    assert result.returncode == 0 and (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert "INFO" not in result.stderr and "database tables" not in result.stderr, result.stderr
