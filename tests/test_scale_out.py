@@ -1,0 +1,277 @@
+"""Scaling out against real servers, as the README's "Scaling out" recipe does it, on loopback and tiny:
+a throw-away PostgreSQL cluster (`scripts/throwaway-postgres`; as root its server runs as `postgres`), the
+team's MLflow tracking server on it (`alexnet server`, served artifacts), a local Ray head (`ray start
+--head`), and three workers that share no folder: one plain `alexnet sweep FILE` and two placed by Ray
+(`alexnet sweep FILE --ray auto --workers 2`), each launcher with its own ALEXNET_HOME, data cache and
+working folder (the Ray node has its own, and each Ray task a scratch folder of its own). Checkpoints and
+models travel through the tracking server only.
+
+Ray is told to stay on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: otherwise it advertises this
+machine's network address, even for `--node-ip-address=127.0.0.1`). Everything a fixture starts is
+stopped in its `finally`, Ray by ending only the processes of its own temp folder (`ray stop` would end
+every Ray cluster of the machine).
+
+Skips, saying why, only where PostgreSQL, psycopg or Ray are not installed: `scripts/setup --test`
+(which `.ci/run` calls) installs all three.
+"""
+
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib.util import find_spec
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import pytest
+
+from conftest import ROOT, wait_for
+
+MISSING = [what for what, there in [
+    ("PostgreSQL (apt-get install postgresql)", glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb")),
+    ("psycopg (pip install -e '.[team]')", find_spec("psycopg")),
+    ("Ray (pip install -e '.[ray]')", find_spec("ray")),
+] if not there]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} (scripts/setup --test installs them)")
+
+SWEEP = """
+study = "{study}"
+n_trials = {n_trials}
+pruner = "none"
+keep_top = 2
+heartbeat_seconds = 1
+grace_seconds = 5
+
+[space]
+lr = {{ low = 0.005, high = 0.05, log = true }}
+
+[set]
+resize = 67
+train_limit = 256
+test_limit = 200
+batch_size = 64
+epochs = 1
+"""
+SHARED = ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE", "ALEXNET_HOME", "ALEXNET_CACHE_DIR", "PGPASSWORD", "RAY_ADDRESS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(processes) -> None:
+    """SIGTERM, then SIGKILL, to these processes and everything under them."""
+    procs = {p.pid: p for p in processes}
+    for p in processes:
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """`scripts/throwaway-postgres start DIR PORT`: its URL (no password) and password file."""
+    folder = Path(tempfile.mkdtemp(prefix="alexnet-pg-"))  # short: the server's socket lives here
+    port = free_port()
+    script = ROOT / "scripts" / "throwaway-postgres"
+    started = subprocess.run([script, "start", folder, str(port)], capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip() == f"postgresql+psycopg://alexnet@127.0.0.1:{port}"
+        yield {"url": started.stdout.strip(), "password_file": folder / "password",
+               "password": (folder / "password").read_text().strip()}
+    finally:
+        subprocess.run([script, "stop", folder], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
+    """`alexnet server` on that cluster; the exports it prints, parsed."""
+    folder = tmp_path_factory.mktemp("server")
+    out, err = folder / "stdout", folder / "stderr"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "alexnet", "server", "--database", postgres["url"],
+                                 "--artifacts", folder / "artifacts", "--host", "127.0.0.1", "--port", str(free_port()),
+                                 "--password-file", postgres["password_file"]],
+                                cwd=folder, stdout=o, stderr=e, env={k: v for k, v in os.environ.items() if k not in SHARED})
+    try:
+        def ready():
+            assert proc.poll() is None, err.read_text()
+            return "export ALEXNET_STORAGE=" in out.read_text()
+        wait_for(ready, 180, "alexnet server to print the exports", every=0.3)
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", out.read_text(), re.M))
+        yield {"exports": exports, "artifacts": folder / "artifacts", "proc": proc, "stderr": err,
+               "log": Path(tempfile.gettempdir()) / f"alexnet-server-{exports['MLFLOW_TRACKING_URI'].rsplit(':', 1)[1]}.log"}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # alexnet server stops the mlflow server, then exits
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_tree([psutil.Process(proc.pid)])
+
+
+def team_env(postgres, server, folder: Path, **more) -> dict:
+    """A worker machine's environment: the exports, the password, a home, data cache and folder of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in SHARED}
+    return {**env, **server["exports"], "PGPASSWORD": postgres["password"], "ALEXNET_HOME": str(folder),
+            "ALEXNET_CACHE_DIR": str(folder / "cache"), "TMPDIR": str(folder), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            **more}
+
+
+@pytest.fixture(scope="module")
+def ray_head(postgres, server, tmp_path_factory):
+    """`ray start --head` on loopback, its node with a folder and the team's environment of its own."""
+    node = tmp_path_factory.mktemp("ray-node")
+    temp = tempfile.mkdtemp(prefix="ar-", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    address = f"127.0.0.1:{free_port()}"
+    ray = Path(sys.executable).parent / "ray"
+    try:
+        started = subprocess.run([ray, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2",
+                                  "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                                 cwd=node, env=team_env(postgres, server, node), capture_output=True, text=True,
+                                 timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+        yield {"address": address, "folder": node}
+    finally:
+        ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp in a for a in p.info["cmdline"] or [])]
+        kill_tree(ours)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def launch(args, folder: Path, env: dict, study: str, n_trials: int) -> subprocess.Popen:
+    (folder / "sweep.toml").write_text(SWEEP.format(study=study, n_trials=n_trials))
+    return subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", "sweep.toml", *args], cwd=folder, env=env,
+                            stdout=open(folder / "stdout", "w"), stderr=open(folder / "stderr", "w"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def workers_under(*folders) -> list:
+    """Live sweep worker processes whose working folder is under one of `folders`."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        cmd, cwd = " ".join(p.info["cmdline"] or []), p.info["cwd"] or ""
+        if "alexnet.sweep.worker" in cmd and any(cwd.startswith(str(f)) for f in folders):
+            found.append(p)
+    return found
+
+
+def test_three_workers_two_through_ray_share_one_study_through_the_servers(postgres, server, ray_head, tmp_path,
+                                                                           monkeypatch):
+    """One plain worker and two Ray workers join one study and one parent run; the plain worker is killed
+    with SIGKILL mid-trial and a Ray worker retries its trial; the count is exact, every trial a child
+    run with its state mirrored, checkpoints and the model readable over HTTP, nothing left RUNNING,
+    no worker left, no password stored."""
+    n_trials, study_name = 5, "team"
+    plain, driver = tmp_path / "plain", tmp_path / "ray-driver"
+    plain.mkdir(), driver.mkdir()
+    launchers = [launch([], plain, team_env(postgres, server, plain), study_name, n_trials),
+                 launch(["--ray", "auto", "--workers", "2"], driver,
+                        team_env(postgres, server, driver, RAY_ADDRESS=ray_head["address"]), study_name, n_trials)]
+    uri, storage = server["exports"]["MLFLOW_TRACKING_URI"], server["exports"]["ALEXNET_STORAGE"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    monkeypatch.setenv("PGPASSWORD", postgres["password"])  # this process reads the study too
+    try:
+        # The plain launcher's worker, once its trial's run carries its pid: SIGKILL.
+        wait_for(lambda: workers_under(plain), 120, "the plain worker to start", every=0.2)
+        (worker,) = workers_under(plain)
+
+        def its_run_started():
+            return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      f"tags.pid = '{worker.pid}' and attributes.status = 'RUNNING'")
+        wait_for(its_run_started, 180, "the plain worker's trial to start", every=0.5)
+        worker.kill()
+        for proc in launchers:
+            proc.wait(timeout=400)
+    finally:
+        for proc in launchers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=150)
+                except subprocess.TimeoutExpired:
+                    kill_tree([psutil.Process(proc.pid)])
+    plain_err, ray_err = (plain / "stderr").read_text(), (driver / "stderr").read_text()
+    assert launchers[0].returncode == 1 and "was killed by SIGKILL" in plain_err, plain_err[-3000:]
+    assert launchers[1].returncode == 0, ray_err[-3000:]
+    assert "on the Ray cluster 127.0.0.1:" in ray_err and "Traceback" not in plain_err + ray_err
+
+    # Exactly n_trials finished: the killed trial FAIL, retried with its params; nothing RUNNING or WAITING.
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == n_trials and states.count("FAIL") == 1 and len(states) == n_trials + 1, states
+    (killed,) = [t for t in trials if t.state.name == "FAIL"]
+    (retry,) = [t for t in trials if t.system_attrs.get("retry_history") == [killed.number]]
+    assert retry.state.name == "COMPLETE" and retry.params == killed.params
+    assert retry.user_attrs["worker"] != killed.user_attrs["worker"]
+
+    # One parent run, one child per trial, states mirrored; three workers trained.
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`sweep.study` = '{study_name}'")
+    (parent,) = [r for r in runs if r.data.tags["sweep.role"] == "parent"]
+    assert parent.info.status == "FINISHED"
+    children = {int(r.data.tags["sweep.trial"]): r for r in runs if r.data.tags["sweep.role"] == "trial"}
+    assert sorted(children) == [t.number for t in trials]
+    mirror = {"COMPLETE": "FINISHED", "FAIL": "FAILED"}
+    for t in trials:
+        run = children[t.number]
+        assert run.info.status == mirror[t.state.name] and t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert children[killed.number].data.tags["failure_reason"] == "worker_lost"
+    assert len({r.data.tags["sweep.worker"] for r in children.values()}) == 3
+    assert not client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
+
+    # Over HTTP: metrics, the kept trials' checkpoints and model; the others' deleted through the server.
+    from alexnet import checkpoint
+    from alexnet.sweep.study import ranked
+
+    kept = {t.number for t in ranked(study, "maximize")[:2]}
+    mlflow.set_tracking_uri(uri)
+    try:
+        for t in trials:
+            run = children[t.number]
+            files = [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+            models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+            assert bool(files) == bool(models) == (t.number in kept), t.number
+            if t.state.name == "COMPLETE":
+                [acc] = client.get_metric_history(run.info.run_id, "test/acc")
+                assert acc.step == 1 and acc.value == pytest.approx(t.value)
+        best = children[min(kept)]
+        state = checkpoint.fetch(best.info.run_id, "best")
+        assert state["epoch"] == 1 and "model" in state
+        [model] = client.search_logged_models([best.info.experiment_id], f"source_run_id = '{best.info.run_id}'")
+        import torch
+        net = mlflow.pytorch.load_model(model.model_uri)
+        assert net(torch.zeros(2, 1, 67, 67)).shape == (2, 10)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    # Nothing travelled through a shared folder; no worker is left; the password is stored nowhere.
+    for folder in (plain, driver, ray_head["folder"]):
+        assert not list(folder.rglob("*.pt")), folder
+    assert not workers_under(plain, driver, ray_head["folder"])
+    stored = [str(parent.data.tags), *(str(r.data.tags) + str(r.data.params) for r in children.values()),
+              str([t.user_attrs for t in trials]), str(study.user_attrs), server["log"].read_text()]
+    assert not [s for s in stored if postgres["password"] in s]
