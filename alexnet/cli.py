@@ -217,6 +217,18 @@ def cmd_server(args) -> int:
                         args.password_file, args.mlflow_db, args.optuna_db)
 
 
+def cmd_push(args) -> int:
+    """Copy local runs, and a sweep's Optuna study, to the team's servers (alexnet/push.py)."""
+    from alexnet import push
+
+    to_uri = args.to_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not to_uri or not to_uri.startswith(("http://", "https://")):
+        raise UsageError("push: name the team's tracking server: --to-tracking-uri http://HOST:PORT (or export "
+                         "MLFLOW_TRACKING_URI)")
+    return push.push(to_uri, args.to_storage or os.environ.get("ALEXNET_STORAGE"), args.experiment, args.study,
+                     args.from_tracking_uri, args.from_storage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from alexnet.config import describe_fields
 
@@ -336,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-db", default="alexnet_mlflow", metavar="NAME", help="MLflow's database (default: alexnet_mlflow)")
     p.add_argument("--optuna-db", default="alexnet_optuna", metavar="NAME", help="Optuna's database (default: alexnet_optuna)")
     p.set_defaults(run=cmd_server)
+
+    p = sub.add_parser("push", help="copy local runs, and a sweep's study, to the team's tracking server and database",
+                       description="Copy runs (params, metric histories, tags, artifacts, logged models, parent links, "
+                                   "start and end times) from the project's store to a tracking server, and with "
+                                   "--study the sweep's Optuna study to the team's database, its run ids rewritten. "
+                                   "New run ids; pushing again copies only what is not there yet.")
+    p.add_argument("--to-tracking-uri", metavar="URL", help="the team's tracking server, http://HOST:PORT "
+                   "(default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--to-storage", metavar="URL", help="with --study: the team's Optuna storage, "
+                   "postgresql+psycopg://USER@HOST:PORT/DB (default: $ALEXNET_STORAGE)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="NAME", help="a sweep: its parent, trial and confirmation runs, and its study")
+    which.add_argument("--experiment", metavar="NAME", help="every run of this experiment (default: every run)")
+    p.add_argument("--from-tracking-uri", metavar="URI", help="where the runs are (default: the project's mlruns/)")
+    p.add_argument("--from-storage", metavar="URL", help="where the study is (default: the project's mlruns/optuna.db)")
+    p.set_defaults(run=cmd_push)
     return parser
 
 

@@ -275,3 +275,93 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
     stored = [str(parent.data.tags), *(str(r.data.tags) + str(r.data.params) for r in children.values()),
               str([t.user_attrs for t in trials]), str(study.user_attrs), server["log"].read_text()]
     assert not [s for s in stored if postgres["password"] in s]
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_push_moves_a_local_sweep_to_the_team_servers_where_it_resumes(postgres, server, tmp_path, monkeypatch):
+    """A sweep run on a laptop's own stores, pushed with one command: every run arrives whole (params,
+    metric histories with steps and timestamps, tags, artifacts, logged models, parent links, times and
+    states, new ids), the study with its run ids rewritten; pushing again copies nothing twice; the same
+    sweep command then resumes the study on the team's servers under the same parent run."""
+    laptop, team = tmp_path / "laptop", tmp_path / "team"
+    laptop.mkdir(), team.mkdir()
+    (laptop / "sweep.toml").write_text(SWEEP.format(study="moved", n_trials=2))
+    (team / "sweep.toml").write_text(SWEEP.format(study="moved", n_trials=3))
+    own = {k: v for k, v in os.environ.items() if k not in SHARED}
+    local = {**own, "ALEXNET_HOME": str(laptop), "ALEXNET_CACHE_DIR": str(laptop / "cache")}
+    alexnet = [sys.executable, "-m", "alexnet"]
+    result = subprocess.run([*alexnet, "sweep", "sweep.toml", "--quiet"], cwd=laptop, env=local, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    uri, storage = server["exports"]["MLFLOW_TRACKING_URI"], server["exports"]["ALEXNET_STORAGE"]
+    command = [*alexnet, "push", "--study", "moved", "--to-tracking-uri", uri, "--to-storage", storage]
+    pushed = subprocess.run(command, cwd=laptop, env={**local, "PGPASSWORD": postgres["password"]},
+                            capture_output=True, text=True, timeout=300)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+
+    src = mlflow.MlflowClient(tracking_uri=f"sqlite:///{laptop / 'mlruns' / 'mlflow.db'}")
+    dst = mlflow.MlflowClient(tracking_uri=uri)
+
+    def study_runs(client):
+        return client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`sweep.study` = 'moved'")
+    copies = {r.data.tags["pushed.from_run_id"]: r for r in study_runs(dst)}
+    originals = study_runs(src)
+    assert len(originals) == 3 and sorted(copies) == sorted(r.info.run_id for r in originals)  # a parent, 2 trials
+    for run in originals:
+        copy = copies[run.info.run_id]
+        assert copy.info.run_id != run.info.run_id
+        assert (copy.info.status, copy.info.start_time, copy.info.end_time, copy.info.run_name) == \
+            (run.info.status, run.info.start_time, run.info.end_time, run.info.run_name)
+        assert copy.data.params == run.data.params and copy.data.metrics == run.data.metrics
+        drop = ("mlflow.parentRunId", "pushed.from_run_id")
+        assert {k: v for k, v in copy.data.tags.items() if k not in drop} == \
+            {k: v for k, v in run.data.tags.items() if k not in drop}
+        if "mlflow.parentRunId" in run.data.tags:
+            assert copy.data.tags["mlflow.parentRunId"] == copies[run.data.tags["mlflow.parentRunId"]].info.run_id
+        for key in run.data.metrics:
+            assert [(m.step, m.value, m.timestamp) for m in dst.get_metric_history(copy.info.run_id, key)] == \
+                [(m.step, m.value, m.timestamp) for m in src.get_metric_history(run.info.run_id, key)]
+        assert artifact_paths(dst, copy.info.run_id) == artifact_paths(src, run.info.run_id)
+        models = dst.search_logged_models([copy.info.experiment_id], f"source_run_id = '{copy.info.run_id}'")
+        assert len(models) == len(src.search_logged_models([run.info.experiment_id],
+                                                           f"source_run_id = '{run.info.run_id}'"))
+    [model] = [m for r in copies.values() for m in dst.search_logged_models([r.info.experiment_id],
+                                                                             f"source_run_id = '{r.info.run_id}'")][:1]
+    import torch
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert mlflow.pytorch.load_model(model.model_uri)(torch.zeros(1, 1, 67, 67)).shape == (1, 10)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    monkeypatch.setenv("PGPASSWORD", postgres["password"])
+    before = optuna.load_study(study_name="moved", storage=f"sqlite:///{laptop / 'mlruns' / 'optuna.db'}")
+    after = optuna.load_study(study_name="moved", storage=storage)
+    assert after.user_attrs["mlflow_parent_run_id"] == copies[before.user_attrs["mlflow_parent_run_id"]].info.run_id
+    for old, new in zip(before.trials, after.trials, strict=True):
+        assert (new.number, new.state, new.params, new.values, new.datetime_start, new.datetime_complete) == \
+            (old.number, old.state, old.params, old.values, old.datetime_start, old.datetime_complete)
+        assert new.user_attrs["mlflow_run_id"] == copies[old.user_attrs["mlflow_run_id"]].info.run_id
+
+    again = subprocess.run(command, cwd=laptop, env={**local, "PGPASSWORD": postgres["password"]},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already" in again.stderr, again.stderr[-3000:]
+    assert len(study_runs(dst)) == 3
+
+    # On the team's servers the same command resumes it: one more trial, under the pushed parent run.
+    resumed = subprocess.run([*alexnet, "sweep", "sweep.toml", "--quiet"], cwd=team, env=team_env(postgres, server, team),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="moved", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    runs = study_runs(dst)
+    (parent,) = [r for r in runs if r.data.tags["sweep.role"] == "parent"]
+    assert parent.info.run_id == after.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+    assert len([r for r in runs if r.data.tags["sweep.role"] == "trial"]) == 3
