@@ -365,3 +365,41 @@ def test_push_moves_a_local_sweep_to_the_team_servers_where_it_resumes(postgres,
     (parent,) = [r for r in runs if r.data.tags["sweep.role"] == "parent"]
     assert parent.info.run_id == after.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
     assert len([r for r in runs if r.data.tags["sweep.role"] == "trial"]) == 3
+
+
+def test_ctrl_c_on_a_ray_launcher_stops_every_worker_and_leaves_nothing_running(postgres, server, ray_head, tmp_path,
+                                                                                monkeypatch):
+    """SIGINT to `alexnet sweep FILE --ray auto --workers 2` while both trials run: every Ray task is
+    cancelled, each worker ends its trial KILLED and queues it again, exit 130; nothing RUNNING in Optuna
+    or MLflow, no worker process left."""
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    launcher = launch(["--ray", "auto", "--workers", "2"], driver,
+                      team_env(postgres, server, driver, RAY_ADDRESS=ray_head["address"]), "interrupted", 4)
+    uri, storage = server["exports"]["MLFLOW_TRACKING_URI"], server["exports"]["ALEXNET_STORAGE"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    monkeypatch.setenv("PGPASSWORD", postgres["password"])
+
+    def both_running():
+        try:
+            trials = optuna.load_study(study_name="interrupted", storage=storage).trials
+        except KeyError:  # not created yet
+            return False
+        started = [t.user_attrs["mlflow_run_id"] for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs]
+        return len(started) == 2 and all("pid" in client.get_run(r).data.tags for r in started)
+    try:
+        wait_for(both_running, 180, "both Ray workers' trials to start", every=0.5)
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=200)
+    finally:
+        if launcher.poll() is None:
+            kill_tree([psutil.Process(launcher.pid)])
+    err = (driver / "stderr").read_text()
+    assert launcher.returncode == 130, err[-3000:]
+    assert "interrupted: stopping the workers" in err and "Traceback" not in err
+    trials = optuna.load_study(study_name="interrupted", storage=storage).trials
+    assert sorted(t.state.name for t in trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in trials if t.state.name == "FAIL")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`sweep.study` = 'interrupted'")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED", "KILLED"]  # the parent and both trials
+    assert not workers_under(driver, ray_head["folder"])
