@@ -75,10 +75,10 @@ def preflight(sweep: Sweep, cluster=None) -> None:
         datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
     if sweep.storage.split("?")[0].rstrip("/") == tracking_uri().split("?")[0].rstrip("/"):
         raise UsageError("sweep: --storage is MLflow's database: Optuna needs its own (e.g. sqlite:///.../optuna.db)")
-    store.set_up_store()
-    check_database(sweep.storage, "sweep: --storage")
     if cluster is not None:
         cluster.connect(sweep)
+    check_database(sweep.storage, "sweep: --storage")
+    store.set_up_store()
 
 
 def set_up(sweep: Sweep, workers: int, command: str) -> tuple:

@@ -34,7 +34,7 @@ import tempfile
 import ray
 
 from alexnet import UsageError
-from alexnet.home import tracking_uri
+from alexnet.home import tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.spec import PARENT_ENV, Sweep
 
@@ -114,19 +114,19 @@ class Cluster:
     def connect(self, sweep: Sweep) -> None:
         """Check that the workers can share the stores, connect, and fit the request to the cluster:
         a UsageError in one line for anything that would leave the workers unplaceable."""
-        where = "sweep: --ray"
+        what = "sweep: --ray"
         if not tracking_uri().startswith(("http://", "https://")):
-            raise UsageError(f"{where}: the workers run on other machines: the tracking store must be a tracking server "
-                             f"(--tracking-uri http://HOST:PORT, e.g. from `alexnet server`), not {redact(tracking_uri())}")
+            raise UsageError(f"{what}: the workers run on other machines: the tracking store must be a tracking server "
+                             f"(--tracking-uri http://HOST:PORT, e.g. from `alexnet server`), not {redact(where(tracking_uri()))}")
         if sweep.storage.startswith("sqlite"):
-            raise UsageError(f"{where}: the workers run on other machines: the storage must be a database server "
+            raise UsageError(f"{what}: the workers run on other machines: the storage must be a database server "
                              f"(--storage postgresql+psycopg://USER@HOST:PORT/DB), not a SQLite file")
         for name, url in (("storage", sweep.storage), ("tracking URI", tracking_uri())):
             if redact(url) != url:
-                raise UsageError(f"{where}: the {name} carries a credential, which would travel with every task: "
+                raise UsageError(f"{what}: the {name} carries a credential, which would travel with every task: "
                                  f"give each node its own (PGPASSWORD or ~/.pgpass; MLFLOW_TRACKING_TOKEN)")
         if self.cpus <= 0 or (self.gpus is not None and not 0 <= self.gpus <= 1):
-            raise UsageError(f"{where}: --cpus-per-worker must be > 0 and --gpus-per-worker between 0 and 1 (a worker "
+            raise UsageError(f"{what}: --cpus-per-worker must be > 0 and --gpus-per-worker between 0 and 1 (a worker "
                              f"trains on one GPU; a fraction shares one)")
         address = os.environ.get("RAY_ADDRESS", "auto") if self.address == "auto" else self.address
         if address != "auto":
@@ -134,29 +134,29 @@ class Cluster:
             try:
                 socket.create_connection((host, int(port)), timeout=5).close()
             except (OSError, ValueError) as e:
-                raise UsageError(f"{where}: cannot reach the Ray cluster at {address} ({first_line(e)}): start it "
+                raise UsageError(f"{what}: cannot reach the Ray cluster at {address} ({first_line(e)}): start it "
                                  f"(ray start --head --port=6379) or fix --ray HOST:PORT") from None
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, ValueError) as e:
-            raise UsageError(f"{where}: cannot connect to the Ray cluster {self.address} ({first_line(e)}): start it "
+            raise UsageError(f"{what}: cannot connect to the Ray cluster {self.address} ({first_line(e)}): start it "
                              f"(ray start --head) or name it (--ray HOST:PORT)") from None
         self.address = ray.get_runtime_context().gcs_address  # `auto`, resolved
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         most_gpus, most_cpus = max(n.get("GPU", 0) for n in nodes), max(n.get("CPU", 0) for n in nodes)
         device = sweep.config["device"]
         if device.startswith("cuda") and not most_gpus:
-            raise UsageError(f"{where}: device = {device!r}, but the Ray cluster has no GPU: use --set device=cpu or "
+            raise UsageError(f"{what}: device = {device!r}, but the Ray cluster has no GPU: use --set device=cpu or "
                              f"device = \"auto\"")
         if self.gpus is None:  # the default: a GPU each where there are GPUs and the trials may use them
             self.gpus = 1.0 if most_gpus and device != "cpu" else 0.0
             if not most_gpus:
                 self.note = "; the cluster has no GPU: the workers train on their CPUs"
         if self.gpus > most_gpus:
-            raise UsageError(f"{where}: --gpus-per-worker {self.gpus:g}, but no node of the Ray cluster has a GPU: "
+            raise UsageError(f"{what}: --gpus-per-worker {self.gpus:g}, but no node of the Ray cluster has a GPU: "
                              f"drop it (the workers then train on their CPUs)")
         if self.cpus > most_cpus:
-            raise UsageError(f"{where}: --cpus-per-worker {self.cpus:g}, but the largest node of the Ray cluster has "
+            raise UsageError(f"{what}: --cpus-per-worker {self.cpus:g}, but the largest node of the Ray cluster has "
                              f"{most_cpus:g} CPUs")
 
     def describe(self, workers: int) -> str:
