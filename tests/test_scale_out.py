@@ -111,10 +111,10 @@ def postgres():
 def server(postgres, tmp_path_factory):
     """`alexnet server` on that cluster; the exports it prints, parsed."""
     folder = tmp_path_factory.mktemp("server")
-    out, err = folder / "stdout", folder / "stderr"
+    out, err, port = folder / "stdout", folder / "stderr", free_port()
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen([sys.executable, "-m", "alexnet", "server", "--database", postgres["url"],
-                                 "--artifacts", folder / "artifacts", "--host", "127.0.0.1", "--port", str(free_port()),
+                                 "--artifacts", folder / "artifacts", "--host", "127.0.0.1", "--port", str(port),
                                  "--password-file", postgres["password_file"]],
                                 cwd=folder, stdout=o, stderr=e, env={k: v for k, v in os.environ.items() if k not in SHARED})
     try:
@@ -124,13 +124,15 @@ def server(postgres, tmp_path_factory):
         wait_for(ready, 180, "alexnet server to print the exports", every=0.3)
         exports = dict(re.findall(r"^export (\w+)=(\S+)$", out.read_text(), re.M))
         yield {"exports": exports, "artifacts": folder / "artifacts", "proc": proc, "stderr": err,
-               "log": Path(tempfile.gettempdir()) / f"alexnet-server-{exports['MLFLOW_TRACKING_URI'].rsplit(':', 1)[1]}.log"}
+               "log": Path(tempfile.gettempdir()) / f"alexnet-server-{port}.log"}
     finally:
         proc.send_signal(signal.SIGTERM)  # alexnet server stops the mlflow server, then exits
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             kill_tree([psutil.Process(proc.pid)])
+        for log in Path(tempfile.gettempdir()).glob(f"alexnet-server-{port}.log"):
+            log.unlink()
 
 
 def team_env(postgres, server, folder: Path, **more) -> dict:
@@ -216,7 +218,8 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
     plain_err, ray_err = (plain / "stderr").read_text(), (driver / "stderr").read_text()
     assert launchers[0].returncode == 1 and "was killed by SIGKILL" in plain_err, plain_err[-3000:]
     assert launchers[1].returncode == 0, ray_err[-3000:]
-    assert "on the Ray cluster 127.0.0.1:" in ray_err and "Traceback" not in plain_err + ray_err
+    assert "Traceback" not in plain_err + ray_err
+    assert "on the Ray cluster 127.0.0.1:" in ray_err and "the cluster has no GPU: the workers train on their CPUs" in ray_err
 
     # Exactly n_trials finished: the killed trial FAIL, retried with its params; nothing RUNNING or WAITING.
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -374,11 +377,17 @@ def test_ctrl_c_on_a_ray_launcher_stops_every_worker_and_leaves_nothing_running(
     or MLflow, no worker process left."""
     driver = tmp_path / "driver"
     driver.mkdir()
-    launcher = launch(["--ray", "auto", "--workers", "2"], driver,
-                      team_env(postgres, server, driver, RAY_ADDRESS=ray_head["address"]), "interrupted", 4)
+    env = team_env(postgres, server, driver, RAY_ADDRESS=ray_head["address"])
+    # First, asking a cluster without GPUs for a GPU share: one line at start, nothing created.
+    launch(["--ray", "auto", "--workers", "2", "--gpus-per-worker", "0.5"], driver, env, "interrupted", 4).wait(120)
+    err = (driver / "stderr").read_text()
+    assert err.count("\n") == 1 and "--gpus-per-worker 0.5, but no node of the Ray cluster has a GPU" in err, err
+    monkeypatch.setenv("PGPASSWORD", postgres["password"])
+    assert "interrupted" not in optuna.study.get_all_study_names(server["exports"]["ALEXNET_STORAGE"])
+
+    launcher = launch(["--ray", "auto", "--workers", "2"], driver, env, "interrupted", 4)
     uri, storage = server["exports"]["MLFLOW_TRACKING_URI"], server["exports"]["ALEXNET_STORAGE"]
     client = mlflow.MlflowClient(tracking_uri=uri)
-    monkeypatch.setenv("PGPASSWORD", postgres["password"])
 
     def both_running():
         try:
