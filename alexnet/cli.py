@@ -150,14 +150,25 @@ def cmd_sweep(args) -> int:
     from alexnet.sweep.spec import load_sweep
 
     sweep = load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage)  # before torch or MLflow
+    if not args.ray and (args.gpus_per_worker is not None or args.cpus_per_worker is not None):
+        raise UsageError("--gpus-per-worker and --cpus-per-worker ask Ray for resources: add --ray ADDRESS")
     if args.dry_run:
+        if args.ray:
+            raise UsageError("--dry-run runs on this machine, in a temporary store: drop --ray")
         from alexnet.sweep.dry_run import dry_run
 
         return dry_run(sweep, args.workers, quiet=args.quiet)
+    cluster = None
+    if args.ray:
+        try:
+            from alexnet.sweep.ray_workers import Cluster
+        except ImportError as e:
+            raise UsageError(f"--ray needs Ray ({e}): pip install 'alexnet-sweeps[ray]'") from None
+        cluster = Cluster(args.ray, args.gpus_per_worker, args.cpus_per_worker or 1.0)
     from alexnet import runs
     from alexnet.sweep import launcher, report
 
-    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet)
+    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster)
     print(report.summary_text(sweep, result))
     if not args.quiet:
         print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
@@ -212,6 +223,26 @@ def cmd_ui(args) -> int:
     return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment)
 
 
+def cmd_server(args) -> int:
+    """The team's MLflow tracking server on PostgreSQL, with the Optuna database (alexnet/server.py)."""
+    from alexnet import server
+
+    return server.serve(args.database, args.artifacts, args.host, args.port, args.allowed_hosts,
+                        args.password_file, args.mlflow_db, args.optuna_db)
+
+
+def cmd_push(args) -> int:
+    """Copy local runs, and a sweep's Optuna study, to the team's servers (alexnet/push.py)."""
+    from alexnet import push
+
+    to_uri = args.to_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not to_uri or not to_uri.startswith(("http://", "https://")):
+        raise UsageError("push: name the team's tracking server: --to-tracking-uri http://HOST:PORT (or export "
+                         "MLFLOW_TRACKING_URI)")
+    return push.push(to_uri, args.to_storage or os.environ.get("ALEXNET_STORAGE"), args.experiment, args.study,
+                     args.from_tracking_uri, args.from_storage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from alexnet.config import describe_fields
 
@@ -258,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
     p.add_argument("--workers", type=integer(1), default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
     add_tracking_arg(p)
+    p.add_argument("--ray", metavar="ADDRESS", help="run the workers as tasks on a Ray cluster: HOST:PORT of its head, "
+                   "or auto (this machine's cluster, or $RAY_ADDRESS); needs a tracking server and a database storage")
+    p.add_argument("--gpus-per-worker", type=float, metavar="G", help="with --ray: GPUs each worker asks for (default: "
+                   "1, or 0 on a cluster without GPUs; a fraction such as 0.5 puts two workers on one GPU)")
+    p.add_argument("--cpus-per-worker", type=float, metavar="C", help="with --ray: CPUs each worker asks for, also its "
+                   "torch threads (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-trial lines")
     p.set_defaults(run=cmd_sweep)
@@ -305,6 +342,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="alexnet-fashion-mnist", metavar="NAME", help="experiment whose page to print")
     add_tracking_arg(p)
     p.set_defaults(run=cmd_ui)
+
+    p = sub.add_parser("server", help="the team's MLflow tracking server on PostgreSQL, and the Optuna database",
+                       description="Create the MLflow and Optuna databases on a PostgreSQL server if missing, start "
+                                   "`mlflow server` on the first with served artifacts, and print what each worker "
+                                   "exports. The password comes from PGPASSWORD (or ~/.pgpass) or --password-file, "
+                                   "never from the command line. Ctrl-C stops it.")
+    p.add_argument("--database", required=True, metavar="URL", help="the PostgreSQL server, without password or "
+                   "database: postgresql+psycopg://USER@HOST:PORT")
+    p.add_argument("--artifacts", required=True, metavar="DIR", help="where the server keeps every run's artifacts "
+                   "(checkpoints, models, plots): a folder, or an s3://... URI")
+    p.add_argument("--host", required=True, help="address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 "
+                   "(with --allowed-hosts)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--allowed-hosts", metavar="HOSTS", help="comma-separated Host names workers use (e.g. "
+                   "mlflow.lab:5000); required with a --host beyond loopback; the first is the URL printed")
+    p.add_argument("--password-file", metavar="FILE", help="read the database password from FILE's first line "
+                   "(default: PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--mlflow-db", default="alexnet_mlflow", metavar="NAME", help="MLflow's database (default: alexnet_mlflow)")
+    p.add_argument("--optuna-db", default="alexnet_optuna", metavar="NAME", help="Optuna's database (default: alexnet_optuna)")
+    p.set_defaults(run=cmd_server)
+
+    p = sub.add_parser("push", help="copy local runs, and a sweep's study, to the team's tracking server and database",
+                       description="Copy runs (params, metric histories, tags, artifacts, logged models, parent links, "
+                                   "start and end times) from the project's store to a tracking server, and with "
+                                   "--study the sweep's Optuna study to the team's database, its run ids rewritten. "
+                                   "New run ids; pushing again copies only what is not there yet.")
+    p.add_argument("--to-tracking-uri", metavar="URL", help="the team's tracking server, http://HOST:PORT "
+                   "(default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--to-storage", metavar="URL", help="with --study: the team's Optuna storage, "
+                   "postgresql+psycopg://USER@HOST:PORT/DB (default: $ALEXNET_STORAGE)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="NAME", help="a sweep: its parent, trial and confirmation runs, and its study")
+    which.add_argument("--experiment", metavar="NAME", help="every run of this experiment (default: every run)")
+    p.add_argument("--from-tracking-uri", metavar="URI", help="where the runs are (default: the project's mlruns/)")
+    p.add_argument("--from-storage", metavar="URL", help="where the study is (default: the project's mlruns/optuna.db)")
+    p.set_defaults(run=cmd_push)
     return parser
 
 

@@ -38,13 +38,13 @@ def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, what: str = "ui") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UsageError(f"ui: cannot listen on {host}:{port} ({e.strerror}): pick another port with --port") from None
+            raise UsageError(f"{what}: cannot listen on {host}:{port} ({e.strerror}): pick another port with --port") from None
 
 
 def start(uri: str, artifact_root: str | None, host: str = "127.0.0.1", port: int = 5000,
@@ -71,13 +71,13 @@ def start(uri: str, artifact_root: str | None, host: str = "127.0.0.1", port: in
     return proc, f"http://{host_in_url}:{port}"
 
 
-def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120.0) -> None:
+def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120.0, what: str = "ui: mlflow ui") -> None:
     """Poll `/health` until it answers; a UsageError with the log's tail if the server dies or is slow."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = Path(proc.log_path).read_text(errors="replace").strip().splitlines()[-3:]
-            raise UsageError(f"ui: mlflow ui exited ({proc.returncode}): {' | '.join(tail)} (log: {proc.log_path})")
+            raise UsageError(f"{what} exited ({proc.returncode}): {' | '.join(tail)} (log: {proc.log_path})")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
                 if r.status == 200:
@@ -86,7 +86,7 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 120.0) -> Non
             pass
         time.sleep(0.3)
     stop(proc)
-    raise UsageError(f"ui: mlflow ui did not answer within {timeout:.0f} s (log: {proc.log_path})")
+    raise UsageError(f"{what} did not answer within {timeout:.0f} s (log: {proc.log_path})")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -142,12 +142,13 @@ def test_bad_inputs_exit_2_in_one_or_two_lines_and_leave_the_store_as_it_was(wor
     try:
         for argv, words in CASES:
             argv = [a.replace(F, str(files)).replace("{taken}", str(port.getsockname()[1])) for a in argv]
-            with monkeypatch.context() as m:
-                m.delenv("MLFLOW_TRACKING_URI", raising=False)
-                try:
-                    status = cli.main(argv)
-                except SystemExit as e:  # argparse's own errors
-                    status = e.code
+            os.environ.pop("MLFLOW_TRACKING_URI", None)  # each command sets it for its children
+            try:
+                status = cli.main(argv)
+            except SystemExit as e:  # argparse's own errors
+                status = e.code
+            finally:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             err = capfd.readouterr().err
             lines = [line for line in err.splitlines() if line.strip()]
             if lines and lines[0].startswith("usage:"):  # argparse's usage block, then its one error line
@@ -161,13 +162,18 @@ def test_bad_inputs_exit_2_in_one_or_two_lines_and_leave_the_store_as_it_was(wor
         port.close()
 
 
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE")}
+    return {**env, **extra}
+
+
 def test_as_real_processes_too(world):
     """Two of the cases as a user meets them: a fresh process, its exit status and its whole stderr."""
     home, files = world
     for argv, words in [(["train", str(files / "binary.toml")], "not a text file"),
                         (["train", "experiments/smoke.toml", "--set", "device=cuda"], "no CUDA GPU")]:
         result = subprocess.run([sys.executable, "-m", "alexnet", *argv], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120, env={**os.environ, "ALEXNET_HOME": str(home)})
+                                timeout=120, env=clean_env(ALEXNET_HOME=str(home)))
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
 
 
@@ -175,6 +181,6 @@ def test_a_first_command_on_a_fresh_home_prints_none_of_mlflows_own_lines(tmp_pa
     """The first command creates the store: MLflow's "Creating initial MLflow database tables..." and its
     migration lines are not the user's business."""
     result = subprocess.run([sys.executable, "-m", "alexnet", "runs"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "ALEXNET_HOME": str(tmp_path)})
+                            timeout=120, env=clean_env(ALEXNET_HOME=str(tmp_path)))
     assert result.returncode == 0 and (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert "INFO" not in result.stderr and "database tables" not in result.stderr, result.stderr

@@ -37,7 +37,8 @@ def dry_run(sweep: Sweep, workers: int, quiet: bool = False) -> int:
     saved = {k: os.environ.get(k) for k in ("ALEXNET_HOME", "MLFLOW_TRACKING_URI", "ALEXNET_STORAGE")}
     home = tempfile.mkdtemp(prefix="alexnet-dry-run-")
     os.environ["ALEXNET_HOME"] = home
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the team's servers too: a dry run touches no real store
+    os.environ.pop("ALEXNET_STORAGE", None)
     try:
         tiny = dry_run_sweep(sweep, workers)
         print(f"dry run: {tiny.n_trials} tiny trials (resize {MIN_RESIZE}, 256 training / 200 test images, "

@@ -4,9 +4,14 @@ The launcher never imports torch: it checks the device (with NVML), the data (`a
 both stores before the parent run exists, then sets up, under the study lock, the study, the parent run
 and the base trial; then it starts N worker processes (`python -m alexnet.sweep.worker SLOT`), each with
 its own sampler seed (`seed + slot`: the same seed in two workers proposed duplicate configs), its share of
-the CPU threads and, with several GPUs, its own GPU. While they run it prints one line per finished trial
-and a progress bar with the best value so far. The parent run carries the launcher's pid and heartbeat,
-so a killed launcher leaves it STALE, not RUNNING for ever.
+the CPU threads and, with several GPUs, its own GPU; or, with `--ray`, hands the same workers to a Ray
+cluster (`ray_workers.py`), which places them. While they run it prints one line per finished trial and a
+progress bar with the best value so far. The parent run carries the launcher's pid and heartbeat, so a
+killed launcher leaves it STALE, not RUNNING for ever.
+
+Launchers started independently (other terminals, other machines) on the same storage and tracking server
+join the same study and parent run; each gets worker slots of its own. The parent run is ended by the last
+launcher whose workers stop, and left RUNNING while another's trials run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pynvml
 from tqdm import tqdm
 
 from alexnet import UsageError, datafiles, store
+from alexnet.backends import check_database, lost_connection
 from alexnet.home import sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
@@ -57,14 +63,16 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(gpu_count())]
 
 
-def preflight(sweep: Sweep) -> None:
+def preflight(sweep: Sweep, cluster=None) -> None:
     """Before anything is created: the device the trials ask for is there, the data is where the
-    config says and intact, the two stores answer and are not one database."""
+    config says and intact (on this machine; on a Ray cluster each worker checks its node), the two
+    stores answer and are not one database, the cluster answers."""
     device = sweep.config["device"]
-    if device.startswith("cuda") and not visible_gpus():
-        raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
-                         f"use --set device=cpu or device = \"auto\"")
-    datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
+    if cluster is None:
+        if device.startswith("cuda") and not visible_gpus():
+            raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
+                             f"use --set device=cpu or device = \"auto\"")
+        datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
     path = sqlite_path(sweep.storage)
     if path is not None:
         try:
@@ -73,6 +81,9 @@ def preflight(sweep: Sweep) -> None:
             raise UsageError(f"sweep: cannot make the folder of the Optuna storage {path} ({e.strerror})") from None
     if sweep.storage.split("?")[0].rstrip("/") == tracking_uri().split("?")[0].rstrip("/"):
         raise UsageError("sweep: --storage is MLflow's database: Optuna needs its own (e.g. sqlite:///.../optuna.db)")
+    if cluster is not None:
+        cluster.connect(sweep)
+    check_database(sweep.storage, "sweep: --storage")
     store.set_up_store()
 
 
@@ -124,49 +135,59 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
     return study, parent, first_slot
 
 
-def worker_env(sweep: Sweep, index: int, workers: int, parent: str, deadline: float, gpus: list[str]) -> dict:
-    """The environment of worker `index`: the resolved sweep, its share of the CPU threads, its GPU."""
-    env = dict(os.environ)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // workers)
-    env.update({SPEC_ENV: json.dumps({"sweep": asdict(sweep), "parent": parent, "deadline": deadline,
-                                      "threads": threads, "argv": sys.argv}),
-                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+def worker_env(sweep: Sweep, index: int, workers: int, parent: str, deadline: float, gpus: list[str],
+               threads: int | None = None) -> dict:
+    """What worker `index` gets on top of its machine's environment: the resolved sweep, the tracking
+    store, its share of the CPU threads (of this machine's cores unless `threads` says), its GPU."""
+    if threads is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // workers)
+    env = {SPEC_ENV: json.dumps({"sweep": asdict(sweep), "parent": parent, "deadline": deadline,
+                                 "threads": threads, "argv": sys.argv}),
+           "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if len(gpus) > 1 and sweep.config["device"] in ("auto", "cuda"):
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]  # round robin, one GPU per worker
     return env
 
 
-def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "") -> dict:
-    """Check, set up, start the workers, watch the study until they exit, then keep the top K and
-    summarise. Returns the summary plus 'status' (0 done, 1 a worker died or the count is not reached,
-    2 a worker refused its input, 130 interrupted). The parent run always ends: FINISHED once the study
-    is complete, KILLED when this command stopped short, RUNNING only while workers from another
-    terminal go on."""
+def start_local(envs: list[dict], first_slot: int) -> list[subprocess.Popen]:
+    """The workers as processes of this machine. Own sessions: a terminal's Ctrl-C reaches the launcher
+    only, which passes exactly one SIGINT on (a second one would interrupt a worker while it ends its
+    trial cleanly)."""
+    return [subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker", str(first_slot + i)],
+                             start_new_session=True, env={**os.environ, **env})
+            for i, env in enumerate(envs)]
+
+
+def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "", cluster=None) -> dict:
+    """Check, set up, start the workers (here, or on `cluster`, a `ray_workers.Cluster`), watch the
+    study until they exit, then keep the top K and summarise. Returns the summary plus 'status' (0 done,
+    1 a worker died or the count is not reached, 2 a worker refused its input, 130 interrupted). The
+    parent run ends FINISHED once the study is complete, KILLED when this command stopped short, and
+    stays RUNNING while other launchers' workers go on."""
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
-    preflight(sweep)
+    preflight(sweep, cluster)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     done, running, _ = tally(study)
+    placed = cluster.describe(workers) if cluster else f"{workers} worker{'s' if workers > 1 else ''}"
     say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
-        f"{', resuming' if done or running else ''}; {workers} worker{'s' if workers > 1 else ''}; "
+        f"{', resuming' if done or running else ''}; {placed}; "
         f"storage {redact(where(sweep.storage))}; parent run {parent}")
 
     deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
     stop_heartbeat = store.start_heartbeat(parent)
     status, summary, procs = 0, None, []
     try:
-        gpus = visible_gpus()
-        # Own sessions: a terminal's Ctrl-C reaches this process only, which passes exactly one SIGINT on
-        # (a second one would interrupt a worker while it ends its trial cleanly).
-        procs = [subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker", str(first_slot + i)],
-                                  start_new_session=True, env=worker_env(sweep, i, workers, parent, deadline, gpus))
-                 for i in range(workers)]
+        gpus = [] if cluster else visible_gpus()  # on a cluster, Ray gives each worker its GPU
+        envs = [worker_env(sweep, i, workers, parent, deadline, gpus, cluster and cluster.threads)
+                for i in range(workers)]
+        procs = cluster.start(envs, first_slot) if cluster else start_local(envs, first_slot)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         status = watch(study, sweep, procs, say, quiet)
         status = worker_status(status, procs, first_slot)
@@ -177,25 +198,50 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
             print(f"alexnet sweep: deleting old checkpoints failed ({first_line(e)}); "
                   f"the next run of this command tries again", file=sys.stderr)
         summary = summarize(study, sweep, parent)
+    except Exception as e:
+        if lost_connection(e):  # the storage or the server went away: one line, not a traceback
+            raise ConnectionError(f"lost {lost_connection(e)} ({first_line(e)}): the workers' trials are retried "
+                                  f"once it is back (run the same command again)") from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stop_heartbeat()
-        done, running, _ = tally(study)
-        complete = (not sweep.n_trials or len(done) >= sweep.n_trials) and not running
-        if status == 0 and summary is None:
-            status = 1  # the summary itself failed
-        if status == 0 and not complete and not running and not deadline:
-            status = 1
-        if status != 0 or not running:
-            mlflow.MlflowClient().set_terminated(parent, "FINISHED" if status == 0 else "KILLED")
+        if cluster:
+            cluster.close()
+        status, complete = end_parent(study, sweep, parent, status, summary, deadline,
+                                      range(first_slot, first_slot + workers))
     return {**summary, "status": status, "parent": parent, "study": study, "complete": complete}
+
+
+def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline: float, slots) -> tuple[int, bool]:
+    """End the parent run, FINISHED or KILLED, unless trials of other launchers' workers still run (the
+    last launcher to stop ends it). Returns (status, whether the study has its count)."""
+    try:
+        done, running, _ = tally(study)
+    except Exception as e:
+        print(f"alexnet sweep: cannot read the study to end the parent run ({first_line(e)})", file=sys.stderr)
+        return status or 1, False
+    complete = (not sweep.n_trials or len(done) >= sweep.n_trials) and not running
+    if status == 0 and summary is None:
+        status = 1  # the summary itself failed
+    if status == 0 and not complete and not running and not deadline:
+        status = 1
+    others = [t for t in running if t.user_attrs.get("worker") not in slots]
+    if not others:
+        try:
+            mlflow.MlflowClient().set_terminated(parent, "FINISHED" if status == 0 else "KILLED")
+        except Exception as e:
+            print(f"alexnet sweep: cannot end the parent run {parent} ({first_line(e)}); `alexnet runs` shows it "
+                  f"STALE", file=sys.stderr)
+            status = status or 1
+    return status, complete
 
 
 def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
     """Until the workers exit: one line per finished trial, a progress bar with the best value so far.
     Ctrl-C stops the workers (their trials end KILLED and are queued again) and returns 130."""
     done, _, _ = tally(study)
-    seen, failed_once = {t.number for t in done}, set()
+    seen, failed_once, warned = {t.number for t in done}, set(), []
     bar = tqdm(total=sweep.n_trials or None, initial=len(done), unit="trial", disable=True if quiet else None,
                dynamic_ncols=True, desc=f"sweep {sweep.study}", file=sys.stderr)
 
@@ -218,11 +264,21 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
             bar.set_postfix_str(f"best {best[0].value:.4f} (trial {best[0].number})", refresh=False)
         bar.refresh()
 
+    def poll_quietly(final=False):
+        try:
+            poll(final)
+        except Exception as e:  # the storage may come back; the workers decide whether to go on
+            if not lost_connection(e):
+                raise
+            if not warned:
+                warned.append(e)
+                say(f"lost {lost_connection(e)} ({first_line(e)}): waiting for the workers")
+
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
-            poll()
-        poll(final=True)
+            poll_quietly()
+        poll_quietly(final=True)
         return 0
     except KeyboardInterrupt:
         say("interrupted: stopping the workers (their trials end KILLED and are queued again)")
@@ -235,7 +291,7 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        poll(final=True)
+        poll_quietly(final=True)
         return 130
     finally:
         bar.close()
@@ -245,13 +301,14 @@ def worker_status(status: int, procs: list, first_slot: int) -> int:
     """The sweep's exit status from the workers' (a worker killed or failing makes it 1; one that refused
     its input, 2), with a line for each that did not end well."""
     for i, p in enumerate(procs):
+        where = p.where if hasattr(p, "where") else f"pid {p.pid}"  # a Ray worker says where it ran
         if p.returncode not in (0, 130) and status == 0:
             status = 2 if p.returncode == 2 else 1
         if p.returncode and p.returncode < 0:
-            print(f"alexnet sweep: worker {first_slot + i} (pid {p.pid}) was killed by "
-                  f"{signal.Signals(-p.returncode).name}: its trial is retried with the same params when the study "
-                  f"resumes (run the same command again)", file=sys.stderr)
+            print(f"alexnet sweep: worker {first_slot + i} ({where}) was killed by "
+                  f"{signal.Signals(-p.returncode).name}: its trial is retried with the same params by a running "
+                  f"worker, or when the study resumes (run the same command again)", file=sys.stderr)
         elif p.returncode not in (0, 2, 130):
-            print(f"alexnet sweep: worker {first_slot + i} (pid {p.pid}) exited with status {p.returncode}",
+            print(f"alexnet sweep: worker {first_slot + i} ({where}) exited with status {p.returncode}",
                   file=sys.stderr)
     return status

@@ -20,6 +20,9 @@ from alexnet.home import default_storage
 from alexnet.redact import redact
 
 SPEC_ENV = "ALEXNET_SWEEP_SPEC"  # the resolved sweep, as JSON, handed by the launcher to its workers
+PARENT_ENV = "ALEXNET_SWEEP_PARENT_PID"  # set by a Ray task: its worker stops once that process is gone
+
+
 @dataclass(frozen=True)
 class Sweep:
     # --- Keys of a sweep file (sweeps/*.toml), besides the tables [space] and [set] ---

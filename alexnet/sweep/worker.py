@@ -5,7 +5,10 @@ Each round, under the study lock: fail stale trials, count, then start one more 
 releases the lock once the trial is RUNNING with its params), wait for the running ones, or stop. After
 each trial, under the lock again, retention deletes the checkpoints of trials outside the top K. Ctrl-C
 or SIGTERM ends the running trial (its run KILLED) and queues it again; a full disk queues it again and
-stops the worker, since every later trial would fail the same way.
+stops the worker, since every later trial would fail the same way. A worker that loses the tracking
+server or the database stops in one line (exit status 3): the trial is not its fault, so it is queued
+again at once if the database still answers, else the study's heartbeat fails it and another worker
+retries it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import mlflow
@@ -23,11 +27,12 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from alexnet import UsageError, data, store
+from alexnet.backends import lost_connection
 from alexnet.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
 from alexnet.sweep.retention import retain
-from alexnet.sweep.spec import SPEC_ENV, Sweep
+from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import next_step, open_study, study_lock
 from alexnet.train import check_device
 
@@ -79,12 +84,14 @@ def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
 
     def func(trial):
         current["id"] = trial._trial_id
+        trial.set_user_attr("worker", slot)  # a launcher ends the parent run only once no other's trial runs
         if trial.user_attrs.get("fail_reason"):  # a retry starts with its failed original's attributes
             trial.set_user_attr("fail_reason", "")
         try:
             return objective(trial, sweep, parent, slot, release)
-        except OSError as e:
-            current["disk_full"] = disk_full(e)
+        except Exception as e:
+            current["disk_full"] = disk_full(e) if isinstance(e, OSError) else None
+            current["lost"] = e if lost_connection(e) else None
             raise
 
     try:
@@ -95,6 +102,11 @@ def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
         raise
     if "id" not in current:
         return
+    if current.get("lost"):  # the trial's FAIL reached the database, so it answers: queue the trial again now
+        requeue(study, current["id"])
+        e = current["lost"]
+        raise ConnectionError(f"lost {lost_connection(e)} during trial {study._storage.get_trial(current['id']).number} "
+                              f"({first_line(e)}): the trial is queued again for another worker") from e
     frozen = study._storage.get_trial(current["id"])
     if frozen.user_attrs.get("mlflow_run_id"):
         mlflow.MlflowClient().set_tag(frozen.user_attrs["mlflow_run_id"], "sweep.state", frozen.state.name)
@@ -123,15 +135,41 @@ def disk_full(error: BaseException) -> OSError | None:
     return None
 
 
+def follow_parent(pid: int) -> None:
+    """Stop as on SIGTERM (the trial ends KILLED, queued again) once process `pid`, which started this
+    worker, is gone: a Ray task's process killed, or its node lost, leaves no worker behind."""
+    def check():
+        while os.getppid() == pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=check, name="follow-parent", daemon=True).start()
+
+
+def one_line_thread_errors(slot: int) -> None:
+    """A helper thread (Optuna's trial heartbeat) that loses a server says so in one line; the trial's
+    own thread meets the same error and stops the worker."""
+    def hook(args):
+        if lost_connection(args.exc_value):
+            print(f"alexnet sweep: worker {slot}: {args.thread.name}: lost {lost_connection(args.exc_value)} "
+                  f"({first_line(args.exc_value)})", file=sys.stderr)
+        else:
+            threading.__excepthook__(args)
+    threading.excepthook = hook
+
+
 def main(slot: int) -> int:
     """The worker process: the spec comes from the launcher in $ALEXNET_SWEEP_SPEC."""
     spec = json.loads(os.environ[SPEC_ENV])
     sweep = Sweep(**spec["sweep"])
     sys.argv = spec["argv"]  # the command the user typed, for the runs' `command` tag
-    # The launcher stops a worker with SIGINT (and SIGTERM ends the trial the same way: KILLED, queued
-    # again); a launcher started from a background job hands its workers SIGINT ignored, so both are set.
+    # Ctrl-C and SIGTERM end the trial KILLED and queue it again. A process started by a Ray worker
+    # inherits SIGINT blocked, or (from a background shell) ignored: both are undone here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if os.environ.get(PARENT_ENV):
+        follow_parent(int(os.environ[PARENT_ENV]))
+    one_line_thread_errors(slot)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the launcher prints one line per trial
@@ -146,6 +184,14 @@ def main(slot: int) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not lost_connection(e):
+            raise
+        why = str(e) if isinstance(e, ConnectionError) else (
+            f"lost {lost_connection(e)} ({first_line(e)}); a trial it was running is retried by another worker "
+            f"once its heartbeat is {sweep.grace_seconds} s old")
+        print(f"alexnet sweep: worker {slot}: error: {why}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""The team's set-up going wrong, in one line each: servers that do not answer at start (nothing is
+created), a password on a command line (refused, never echoed), Ray options without Ray, and a worker
+that loses the tracking server mid-trial (a real `mlflow server`, killed): it stops in one line and its
+trial is queued again for another worker."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from alexnet import ui
+from conftest import ROOT, wait_for
+
+SWEEP = """
+study = "lost"
+n_trials = 1
+pruner = "none"
+heartbeat_seconds = 1
+grace_seconds = 4
+[space]
+lr = { low = 0.005, high = 0.05, log = true }
+[set]
+resize = 67
+train_limit = 256
+test_limit = 200
+batch_size = 64
+epochs = 3
+"""
+
+
+def alexnet(home: Path, *args, env=None, timeout=120):
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE", "PGPASSWORD")}
+    return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], cwd=home, capture_output=True, text=True,
+                          timeout=timeout, env={**base, "ALEXNET_HOME": str(home), **(env or {})})
+
+
+def closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again once this returns: nothing listens there
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--storage", "postgresql+psycopg://alexnet@127.0.0.1:{port}/alexnet_optuna"],
+     "sweep: --storage: cannot reach the database postgresql+psycopg://alexnet@127.0.0.1:{port}/alexnet_optuna"),
+    (["--tracking-uri", "http://127.0.0.1:{port}"], "tracking: cannot reach the tracking server http://127.0.0.1:{port}"),
+    (["--ray", "auto"], "sweep: --ray: the workers run on other machines: the tracking store must be a tracking server"),
+    (["--ray", "127.0.0.1:{port}", "--tracking-uri", "http://user:hunter2@127.0.0.1:{port}",
+      "--storage", "postgresql+psycopg://alexnet@127.0.0.1:{port}/alexnet_optuna"],
+     "sweep: --ray: the tracking URI carries a credential, which would travel with every task"),
+    (["--gpus-per-worker", "1"], "--gpus-per-worker and --cpus-per-worker ask Ray for resources: add --ray ADDRESS"),
+])
+def test_a_sweep_whose_servers_do_not_answer_stops_in_one_line_creating_nothing(tmp_path, args, message):
+    (tmp_path / "s.toml").write_text(SWEEP)
+    port = closed_port()
+    result = alexnet(tmp_path, "sweep", "s.toml", *[a.format(port=port) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message.format(port=port) in result.stderr
+    assert "hunter2" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]  # no store was created
+
+
+def test_the_server_refuses_a_password_on_its_command_line_without_echoing_it(tmp_path):
+    result = alexnet(tmp_path, "server", "--database", "postgresql+psycopg://alexnet:hunter2@127.0.0.1:5432",
+                     "--artifacts", tmp_path / "a", "--host", "127.0.0.1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--database carries a password" in result.stderr and "hunter2" not in result.stderr
+    wide = alexnet(tmp_path, "server", "--database", "postgresql+psycopg://alexnet@127.0.0.1:5432",
+                   "--artifacts", tmp_path / "a", "--host", "0.0.0.0")
+    assert wide.returncode == 2 and "also pass --allowed-hosts" in wide.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_worker_that_loses_the_tracking_server_mid_trial_stops_in_one_line_and_queues_its_trial(tmp_path):
+    """A real `mlflow server` (SQLite behind it, served artifacts), SIGKILLed while the trial trains; MLflow's
+    client retries are turned off so the loss shows at once."""
+    (tmp_path / "s.toml").write_text(SWEEP)
+    port = closed_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--serve-artifacts", "--artifacts-destination",
+                               tmp_path / "artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    server.log_path = os.devnull
+    uri = f"http://127.0.0.1:{port}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    try:
+        ui.wait_ready(server, uri)
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage, "--tracking-uri", uri],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "ALEXNET_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        client = mlflow.MlflowClient(tracking_uri=uri)
+
+        def training():  # the trial's run exists and has logged its first epoch
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`sweep.trial` = '0'")
+            return runs and "test/acc" in runs[0].data.metrics
+        wait_for(training, 180, "the trial to train its first epoch", every=0.3)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        out, err = launcher.communicate(timeout=180)
+    finally:
+        for proc in (server, locals().get("launcher")):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL) if proc is server else proc.kill()
+                proc.wait()
+    lines = [line for line in err.splitlines() if "worker 0: error:" in line]
+    assert len(lines) == 1 and "lost the tracking server during trial 0" in lines[0], err[-3000:]
+    assert "the trial is queued again for another worker" in lines[0]
+    assert "Traceback" not in err and launcher.returncode == 1
+    assert "alexnet sweep: error: lost the tracking server" in err  # the launcher too, in one line
+    trials = optuna.load_study(study_name="lost", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].params == trials[0].params
