@@ -130,11 +130,16 @@ def process_tags() -> dict[str, str]:
 
 
 def stale_reason(status: str, tags: dict, now: float | None = None) -> str | None:
-    """Why a RUNNING run is stale (its process is gone), or None if it may still be alive. On this
-    host the process is checked directly (pid and start time, so a reused pid is not mistaken for
-    it); elsewhere the run is stale once its heartbeat is older than STALE_AFTER_S."""
+    """Why a RUNNING run is stale (its process is gone), or None if it may still be alive."""
     if status != "RUNNING" or "pid" not in tags:
         return None  # not running, or not started by this code: cannot tell
+    return process_gone(tags, now)
+
+
+def process_gone(tags: dict, now: float | None = None) -> str | None:
+    """Why the process that wrote `tags` (`process_tags`) is gone, or None if it may still be alive. On
+    this host the process is checked directly (pid and start time, so a reused pid is not mistaken for
+    it); elsewhere it is gone once its heartbeat is older than STALE_AFTER_S."""
     if tags.get("host") == platform.node():
         try:
             started = psutil.Process(int(tags["pid"])).create_time()
@@ -149,15 +154,19 @@ def stale_reason(status: str, tags: dict, now: float | None = None) -> str | Non
     return None
 
 
-def start_heartbeat(run_id: str):
-    """Write this process's tags (`process_tags`) on the run now and every HEARTBEAT_S in a thread;
-    returns the function that stops it. Re-writing the pid, not only the heartbeat, keeps a run that
-    two processes share (a sweep's parent, launched from two terminals) tied to one that is alive."""
+def start_heartbeat(run_id: str, also=None):
+    """Write this process's tags (`process_tags`) on the run now and every HEARTBEAT_S in a thread, and
+    call `also(tags)` each time; returns the function that stops it. Re-writing the pid, not only the
+    heartbeat, keeps a run that two processes share (a sweep's parent, launched from two terminals) tied
+    to one that is alive."""
     client = mlflow.MlflowClient()
     stop = threading.Event()
 
     def write():
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in process_tags().items()], synchronous=True)
+        tags = process_tags()
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        if also is not None:
+            also(tags)
 
     write()
 

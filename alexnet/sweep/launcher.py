@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -73,18 +74,18 @@ def preflight(sweep: Sweep, cluster=None) -> None:
             raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
                              f"use --set device=cpu or device = \"auto\"")
         datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
-    path = sqlite_path(sweep.storage)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"sweep: cannot make the folder of the Optuna storage {path} ({e.strerror})") from None
     if sweep.storage.split("?")[0].rstrip("/") == tracking_uri().split("?")[0].rstrip("/"):
         raise UsageError("sweep: --storage is MLflow's database: Optuna needs its own (e.g. sqlite:///.../optuna.db)")
     if cluster is not None:
         cluster.connect(sweep)
     check_database(sweep.storage, "sweep: --storage")
     store.set_up_store()
+    path = sqlite_path(sweep.storage)
+    if path is not None:  # made only once the stores answered: a refused sweep creates nothing
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"sweep: cannot make the folder of the Optuna storage {path} ({e.strerror})") from None
 
 
 def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
@@ -181,7 +182,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
         f"storage {redact(where(sweep.storage))}; parent run {parent}")
 
     deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
-    stop_heartbeat = store.start_heartbeat(parent)
+    stop_heartbeat = store.start_heartbeat(parent, also=lambda tags: study.set_user_attr(launcher_key(), tags))
     status, summary, procs = 0, None, []
     try:
         gpus = [] if cluster else visible_gpus()  # on a cluster, Ray gives each worker its GPU
@@ -208,16 +209,20 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
         stop_heartbeat()
         if cluster:
             cluster.close()
-        status, complete = end_parent(study, sweep, parent, status, summary, deadline,
-                                      range(first_slot, first_slot + workers))
+        status, complete = end_parent(study, sweep, parent, status, summary, deadline)
     return {**summary, "status": status, "parent": parent, "study": study, "complete": complete}
 
 
-def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline: float, slots) -> tuple[int, bool]:
-    """End the parent run, FINISHED or KILLED, unless trials of other launchers' workers still run (the
-    last launcher to stop ends it). Returns (status, whether the study has its count)."""
+def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline: float) -> tuple[int, bool]:
+    """Under the study lock: sign this launcher off, and end the parent run, FINISHED or KILLED, unless
+    another launcher (another terminal, machine or cluster) is still alive: the last one to stop ends it.
+    Returns (status, whether the study has its count)."""
     try:
-        done, running, _ = tally(study)
+        with study_lock(sweep):
+            study.set_user_attr(launcher_key(), None)
+            others = [k for k, tags in study.user_attrs.items()
+                      if k.startswith("launcher:") and tags and store.process_gone(tags) is None]
+            done, running, _ = tally(study)
     except Exception as e:
         print(f"alexnet sweep: cannot read the study to end the parent run ({first_line(e)})", file=sys.stderr)
         return status or 1, False
@@ -226,7 +231,6 @@ def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline:
         status = 1  # the summary itself failed
     if status == 0 and not complete and not running and not deadline:
         status = 1
-    others = [t for t in running if t.user_attrs.get("worker") not in slots]
     if not others:
         try:
             mlflow.MlflowClient().set_terminated(parent, "FINISHED" if status == 0 else "KILLED")
@@ -235,6 +239,12 @@ def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline:
                   f"STALE", file=sys.stderr)
             status = status or 1
     return status, complete
+
+
+def launcher_key() -> str:
+    """This launcher's entry in the study's user attributes: its process tags, kept fresh by the parent
+    run's heartbeat, so that the others can tell whether it is still alive."""
+    return f"launcher:{platform.node()}:{os.getpid()}"
 
 
 def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:

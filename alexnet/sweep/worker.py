@@ -84,7 +84,7 @@ def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
 
     def func(trial):
         current["id"] = trial._trial_id
-        trial.set_user_attr("worker", slot)  # a launcher ends the parent run only once no other's trial runs
+        trial.set_user_attr("worker", slot)  # which worker ran it (a retry's is another's)
         if trial.user_attrs.get("fail_reason"):  # a retry starts with its failed original's attributes
             trial.set_user_attr("fail_reason", "")
         try:
