@@ -73,8 +73,9 @@ def read_record(run_id: str) -> tuple:
     patch = b""
     if tags.get("git.dirty") == "true":
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=record.PATCH)
-            patch = Path(local).read_bytes()
+            with tempfile.TemporaryDirectory(prefix="alexnet-patch-") as tmp:
+                patch = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=record.PATCH,
+                                                                 dst_path=tmp)).read_bytes()
         except Exception:
             raise lacks(f"its uncommitted changes ({record.PATCH})") from None
         if checkout.Code(tags["git.commit"], patch).patch_sha256 != tags.get("git.patch_sha256"):
