@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 import torchvision
+from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.models import infer_signature
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils import requirements_utils
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -118,6 +121,9 @@ def split_sizes(cfg: Config) -> dict[str, int]:
             "test": cfg.test_limit or TEST_IMAGES}
 
 
+# What the UI shows as the dataset's schema: torchvision's uint8 images and int64 labels.
+SCHEMA = json.dumps(TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), "image")]),
+                                        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")])).to_dict())
 SELECTED_BY = {"train": ("val_size", "split_seed", "train_limit"), "validation": ("val_size", "split_seed"),
                "test": ("test_limit",)}
 
@@ -131,11 +137,10 @@ def dataset_inputs(cfg: Config, md5: dict[str, str], origin: str) -> list[Datase
         if n == 0:
             continue
         files = {name: md5[name] for name in datafiles.FILES if name.startswith("t10k" if split == "test" else "train")}
-        selection = {"split": split, "images": n, **{k: getattr(cfg, k) for k in SELECTED_BY[split]}}
-        digest = hashlib.sha256(json.dumps({"md5": files, **selection}, sort_keys=True).encode()).hexdigest()[:16]
-        profile = {"num_rows": n, **selection, "md5": files}
+        profile = {"num_rows": n, "split": split, **{k: getattr(cfg, k) for k in SELECTED_BY[split]}, "md5": files}
+        digest = hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
         kind = "http" if origin.startswith("http") else "local"
-        dataset = Dataset(name=DATASET, digest=digest, source_type=kind,
+        dataset = Dataset(name=DATASET, digest=digest, source_type=kind, schema=SCHEMA,
                           source=json.dumps({"url" if kind == "http" else "uri": origin}), profile=json.dumps(profile))
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     return inputs
