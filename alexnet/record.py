@@ -12,6 +12,7 @@ from the files' checksums and the images it selects (`alexnet reproduce` reads a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -102,6 +103,7 @@ def run_tags(cfg: Config, source: str | None) -> dict[str, str]:
     return tags
 
 
+@functools.cache  # a process's installed packages do not change under it (45 ms to list; a sweep worker runs many trials)
 def requirements_lock() -> str:
     """Every installed distribution as `name==version`, sorted, after the interpreter and platform:
     a lock file `pip install -r` takes (the first of two copies on the path wins, as at import)."""
