@@ -35,7 +35,7 @@ from alexnet import UsageError, checkout, data, datafiles, record, store, tracki
 from alexnet.config import Config, to_toml
 from alexnet.home import project_root, tracking_uri, where
 from alexnet.redact import redact
-from alexnet.train import resolve_device
+from alexnet.train import check_device, resolve_device
 
 TAG = "reproduces"
 SKIPPED = ("perf/", "system/")  # timings and the machine's load: never the same twice
@@ -178,6 +178,7 @@ def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
     where it should be identical (same code, device and versions, on the CPU or deterministic)."""
     store.set_up_store()
     run, cfg, patch = read_record(run_id)
+    check_device(cfg)  # a device this machine lacks: one line now, not a failed training
     check_data(run, cfg)
     commit, here = run.data.tags["git.commit"], checkout.current()
     say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))

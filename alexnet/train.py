@@ -7,7 +7,9 @@ What mirrors `train_ch6`: Xavier-uniform conv/linear weights, plain SGD(lr), cro
 the running train loss and accuracy (train mode), test accuracy (eval mode, no grad) and examples/s
 counted over step time only, as the book's timer does. Added: examples/s end to end (data and
 evaluation included), epoch seconds, best-so-far test accuracy, and the full training state for
-checkpoints. With one seed on one device, two runs give identical metrics, and a run resumed from a
+checkpoints. With a validation split (`val_size > 0`, held out of the training images, never trained
+on) each epoch is also evaluated on it, and the best epoch is the one validation chose; the chapter
+has no such split (it tunes nothing), and `val_size = 0` keeps its protocol exactly. With one seed on one device, two runs give identical metrics, and a run resumed from a
 checkpoint continues exactly where it stopped (shuffling depends on (seed, epoch); the RNG state that
 drives dropout is in the checkpoint).
 

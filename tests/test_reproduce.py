@@ -5,6 +5,7 @@ is refused: changed data, another commit, a record that lacks something."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,8 +119,6 @@ REFUSED = [
 
 @pytest.mark.parametrize("changes,message", REFUSED)
 def test_what_cannot_be_reproduced_is_refused_in_one_line(tracked, capsys, changes, message):
-    import re
-
     copy = fake_record(tracked.run_id, **changes)
     client = mlflow.MlflowClient()
     before = len(client.search_runs([client.get_run(copy).info.experiment_id]))
