@@ -205,6 +205,9 @@ def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
 
     rows, worst = compare(run_id, new)
     print(f"run {new} reproduces run {run_id} (tag {TAG}={run_id})")
+    if not rows:
+        print(f"run {run_id} logged no epoch (it stopped before its first ended): nothing to compare")
+        return 0
     print(format_rows(rows))
     device = resolve_device(cfg)
     exact = same_code and not machine and (device.type == "cpu" or cfg.deterministic)

@@ -129,6 +129,17 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tracked, capsys, chang
     assert len(client.search_runs([client.get_run(copy).info.experiment_id])) == before  # no run was started
 
 
+def test_force_trains_a_run_of_another_commit_with_this_code(tracked, capsys):
+    copy = fake_record(tracked.run_id, **{"git.commit": "1" * 40})
+    assert cli.main(["reproduce", copy, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert f"with this checkout's code ({checkout.current().commit}), not its own (commit 111111111111)" in err
+    client = mlflow.MlflowClient()
+    [new] = client.search_runs([client.get_run(copy).info.experiment_id], f"tags.reproduces = '{copy}'")
+    assert new.data.tags["reproduce.forced"] == "true" and new.data.tags["git.commit"] == checkout.current().commit
+    assert f"run {new.info.run_id} reproduces run {copy}" in out and "logged no epoch" in out  # a copy without metrics
+
+
 def test_changed_data_files_are_refused(tracked, tmp_path, monkeypatch, capsys):
     """The data itself altered (one byte of the test labels): refused before any run, naming the file."""
     source = Path(os.environ.get("ALEXNET_DATA_DIR") or datafiles.DEBIAN_DIR)

@@ -429,6 +429,10 @@ BAD = [
     ("sampler = \"cmaes\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "sampler = 'cmaes' is not allowed"),
     ("pruner = \"asha\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "pruner = 'asha' is not allowed"),
     ("[space]\nlr = { low = 0.02, high = 0.1 }", "base value 0.01 is outside the space"),
+    ("objective = \"test/best_acc\"\n[space]\nlr = { low = 0.001, high = 0.1 }",
+     "objective = 'test/best_acc' is a test metric: selecting on the test set biases"),
+    ("[set]\nval_size = 0\n[space]\nlr = { low = 0.001, high = 0.1 }",
+     "objective = 'val/best_acc' needs a validation split, but val_size = 0"),
 ]
 
 
@@ -458,9 +462,11 @@ def test_objective_names_are_the_trainers_metrics():
     assert set(EpochRecord(*[0] * 9).metrics()) < set(OBJECTIVES)  # without a validation split, the chapter's keys
 
 
-def test_the_shipped_sweep_files_load():
+def test_the_shipped_sweep_files_load_and_select_on_a_validation_split():
     default = load_sweep(ROOT / "sweeps" / "default.toml")
     assert default.study == "default" and set(default.space) == {"lr", "dropout", "resize"}
+    assert (default.objective, default.config["val_size"]) == ("val/best_acc", 5000)  # a sweep's default split
+    assert load_sweep(ROOT / "sweeps" / "smoke.toml").config["val_size"] == 1000  # its [set] says otherwise
     assert default.config["resize"] == 224 and 224 in default.space["resize"]["choices"]
     smoke = load_sweep(ROOT / "sweeps" / "smoke.toml", ["resize=67"])
     assert "resize" not in smoke.space and smoke.config["resize"] == 67  # --set fixes a searched field
