@@ -2,7 +2,7 @@
 
 Budget: resize 67, 256 training, 200 validation and 200 test images, batch 64, 1-2 epochs per trial;
 trials are scored on validation (val/best_acc, the default objective). At epoch 1 these configs gave
-(measured; CPU float noise moves them by a few images): lr 0.01 -> val acc 0.15, lr 0.05 -> 0.19,
+(measured; CPU float noise moves them by a few images): lr 0.01 -> val acc 0.115, lr 0.05 -> 0.185,
 lr 2 -> exactly 0.10 (collapsed to one class), lr 50 -> a NaN loss. That is what
 makes the mixed sweep below complete, prune and diverge on cue; which complete trial wins is read
 from the study, not assumed.
