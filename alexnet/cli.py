@@ -40,9 +40,11 @@ def cmd_train(args) -> int:
     from alexnet.config import load_config
 
     resume = args.resume
+    parse_tags(args.tags)  # checked before anything starts
     if resume:  # the run's own config, from its store
-        if args.file or args.sets or args.no_track:
-            raise UsageError("--resume continues a run with its own config: drop the experiment file, --set and --no-track")
+        if args.file or args.sets or args.no_track or args.tags:
+            raise UsageError("--resume continues a run with its own config and tags: drop the experiment file, --set, "
+                             "--tag and --no-track")
         from alexnet import tracking
 
         cfg = tracking.resume_config(resume)
@@ -80,7 +82,8 @@ def cmd_train(args) -> int:
                     f"(if it stops early: alexnet train --resume {run_id})")
 
             run = tracking.tracked_train(cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
-                                         on_start=on_start, on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
+                                         tags=parse_tags(args.tags), on_start=on_start,
+                                         on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
             records = run.records
     except Diverged as e:
         print(f"alexnet train: {e}", file=sys.stderr)
@@ -93,17 +96,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """`["reproduces=abc"]` -> `{"reproduces": "abc"}`."""
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--tag wants key=value, got {item!r}")
+        tags[key.strip()] = value
+    return tags
+
+
 def epoch_line(r, epochs: int) -> str:
-    return (f"epoch {r.epoch}/{epochs}: loss {r.train_loss:.3f}, train acc {r.train_acc:.3f}, "
+    val = f"val acc {r.val_acc:.3f}, " if r.val_acc is not None else ""
+    return (f"epoch {r.epoch}/{epochs}: loss {r.train_loss:.3f}, train acc {r.train_acc:.3f}, {val}"
             f"test acc {r.test_acc:.3f}, {r.examples_per_sec:,.0f} examples/s "
             f"({r.wall_examples_per_sec:,.0f} end to end), {r.epoch_seconds:.1f} s")
 
 
 def summary_line(r) -> str:
-    """The book's closing line (`loss 0.327, train acc 0.880, test acc 0.882` / `4171.0 examples/sec`)."""
+    """The book's closing line (`loss 0.327, train acc 0.880, test acc 0.882` / `4171.0 examples/sec`);
+    with a validation split, the epoch it chose and that epoch's test accuracy."""
+    if r.val_acc is None:
+        best = f"best {r.best_test_acc:.3f} at epoch {r.best_epoch}"
+    else:
+        best = f"validation chose epoch {r.best_epoch}: val acc {r.best_val_acc:.3f}, test acc {r.test_acc_at_best_val:.3f}"
     return (f"loss {r.train_loss:.3f}, train acc {r.train_acc:.3f}, test acc {r.test_acc:.3f} "
-            f"(best {r.best_test_acc:.3f} at epoch {r.best_epoch}), {r.examples_per_sec:,.1f} examples/sec "
-            f"({r.wall_examples_per_sec:,.1f} end to end)")
+            f"({best}), {r.examples_per_sec:,.1f} examples/sec ({r.wall_examples_per_sec:,.1f} end to end)")
+
+
+def cmd_reproduce(args) -> int:
+    """Train a run again from its record and compare, epoch by epoch (alexnet/reproduce.py)."""
+    from alexnet import reproduce
+
+    return reproduce.reproduce(args.run_id, force=args.force, quiet=args.quiet)
 
 
 def cmd_summary(args) -> int:
@@ -132,7 +158,7 @@ def cmd_demo(args) -> int:
     gpu = torch.cuda.is_available()
     file = root / "experiments" / ("baseline.toml" if gpu else "smoke.toml")
     print(f"demo 1/2: {'GPU' if gpu else 'no GPU'}: training {file.relative_to(root)}", file=sys.stderr)
-    args.file, args.no_track, args.resume = str(file), False, None
+    args.file, args.no_track, args.resume, args.tags = str(file), False, None, []
     status = cmd_train(args)
     if status != 0:
         return status
@@ -259,8 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "MLflow run from its last checkpoint, with its own config (no file, no --set)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines; print only the summary")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow (pure speed runs)")
+    p.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra tag on the MLflow run; repeatable")
     add_tracking_arg(p)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("reproduce", help="train a run again from its record and compare both, epoch by epoch",
+                       description="Re-create a run from its record alone: its config, its git commit and the patch of "
+                                   "an uncommitted work tree (applied in a temporary git worktree; yours is not "
+                                   "touched), after checking the data's checksums. The new run is tagged "
+                                   "reproduces=RUN_ID; a per-epoch table shows both runs' metrics and the differences. "
+                                   "Exit status 1 when it differs where it should be identical (the CPU, or "
+                                   "deterministic = true, with the same device and versions).")
+    p.add_argument("run_id", metavar="RUN_ID", help="the MLflow run to re-create")
+    p.add_argument("--force", action="store_true", help="train it with this checkout's code even though the run was "
+                   "trained at another commit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_tracking_arg(p)
+    p.set_defaults(run=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the README's main job: smoke run on a CPU, the baseline on a GPU",
                        description="Train experiments/baseline.toml on a GPU (experiments/smoke.toml elsewhere), then sweep sweeps/demo.toml; all logged to MLflow.")
@@ -312,16 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_confirm)
 
     p = sub.add_parser("runs", help="leaderboard of MLflow runs: filter, sort, CSV/JSON, learning curves",
-                       description="One row per run, best test accuracy first: name, status, lr, dropout, resize, "
-                                   "epochs, best and final test accuracy, examples/s, duration, run id.")
+                       description="One row per run, best first: name, status, lr, dropout, resize, epochs, "
+                                   "val_best (best validation accuracy) and test@val (test accuracy at that epoch), "
+                                   "best and final test accuracy, examples/s, duration, run id.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: alexnet-fashion-mnist; "
                    "all experiments with --sweep or --parent)")
     p.add_argument("--sweep", metavar="STUDY", help="only the trials of this sweep study (tag sweep.study)")
     p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent run")
     p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE"],
                    help="only runs in this state (STALE: RUNNING, but its process is gone)")
-    p.add_argument("--sort", default="best_acc", metavar="COLUMN", help="column to sort by (default: best_acc, "
-                   "best first; names A-Z)")
+    p.add_argument("--sort", metavar="COLUMN", help="column to sort by (default: val_best, the best validation "
+                   "accuracy, where runs have a validation split, else best_acc; best first; names A-Z)")
     p.add_argument("--reverse", action="store_true", help="reverse the sort order")
     p.add_argument("--limit", type=integer(1), metavar="N", help="show the first N runs only")
     out = p.add_mutually_exclusive_group()

@@ -19,6 +19,8 @@ import tomli_w
 from alexnet import UsageError
 
 MIN_RESIZE = 67  # the third 3x3/2 max-pool needs a 3 px map: (67-11)//4+1=15 -> 7 -> 3 -> 1
+TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
+MAX_VAL_SIZE = TRAIN_IMAGES // 2  # at least half the training images stay for training
 
 
 def _f(default, help: str):
@@ -39,6 +41,9 @@ class Config:
     data_dir: str = _f("", "folder with the Fashion-MNIST IDX files; empty: $ALEXNET_DATA_DIR, Debian's package, download")
     train_limit: int = _f(0, "train on a class-balanced subset of this many images; 0: all 60,000")
     test_limit: int = _f(0, "evaluate on a class-balanced subset of this many images; 0: all 10,000")
+    val_size: int = _f(0, "hold this many of the 60,000 training images out as a class-balanced validation split, never trained on; the best epoch is then chosen on it; 0: none (the chapter's protocol)")
+    split_seed: int = _f(0, "seeds which training images the validation split holds (independent of seed)")
+    deterministic: bool = _f(False, "deterministic GPU kernels: no cuDNN autotuning, torch.use_deterministic_algorithms; slower")
     # --- Speed switches (each can be turned off to get the chapter's plain arithmetic) ---
     pipeline: str = _f("fast", "fast: uint8 data resident on the device, resized per batch there; book: the chapter's DataLoader with PIL Resize + ToTensor")
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 (the chapter's); bf16")
@@ -62,6 +67,10 @@ class Config:
         for name, (ok, allowed) in _RANGES.items():
             if not ok(getattr(self, name)):
                 raise UsageError(f"config: {name} = {getattr(self, name)!r} is out of range (allowed: {allowed})")
+        if self.train_limit > TRAIN_IMAGES - self.val_size:
+            raise UsageError(f"config: train_limit = {self.train_limit} is more than the {TRAIN_IMAGES - self.val_size:,} "
+                             f"training images left after val_size = {self.val_size} (allowed: train_limit <= "
+                             f"{TRAIN_IMAGES} - val_size)")
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
@@ -76,6 +85,8 @@ _RANGES = {
     "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     "train_limit": (lambda v: 0 <= v <= 60000, "0 (all) to 60000"),
     "test_limit": (lambda v: 0 <= v <= 10000, "0 (all) to 10000"),
+    "val_size": (lambda v: 0 <= v <= MAX_VAL_SIZE, f"0 (none) to {MAX_VAL_SIZE}"),
+    "split_seed": (lambda v: v >= 0, "split_seed >= 0"),
     "pipeline": (lambda v: v in ("fast", "book"), "fast or book"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "eval_batch_size": (lambda v: v >= 1, "eval_batch_size >= 1"),

@@ -50,6 +50,29 @@ def balanced_subset(labels: torch.Tensor, limit: int) -> torch.Tensor:
     return order[:limit].sort().values
 
 
+def split_train_val(labels: torch.Tensor, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices of the training set: `val_size` images held out, classes as equal
+    as possible, drawn at random with `split_seed` alone; the rest, in dataset order, for training.
+    `val_size = 0` holds nothing out: every index is a training index, as in the chapter."""
+    if val_size <= 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+    val = shuffled[balanced_subset(labels[shuffled], val_size)].sort().values  # the first k of each class, shuffled
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    held_out[val] = True
+    return (~held_out).nonzero().squeeze(1), val
+
+
+def split_indices(cfg, train_labels: torch.Tensor, test_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The images a config trains, validates and tests on, as indices into torchvision's training and
+    test sets: {"train", "validation", "test"}. The validation split is fixed by (val_size, split_seed)
+    and never overlaps the training images; `train_limit` then picks a class-balanced subset of the
+    training images that remain (with val_size = 0: exactly the chapter's selection)."""
+    train, val = split_train_val(train_labels, cfg.val_size, cfg.split_seed)
+    train = train[balanced_subset(train_labels[train], cfg.train_limit)]
+    return {"train": train, "validation": val, "test": balanced_subset(test_labels, cfg.test_limit)}
+
+
 def resize_batch(images_u8: torch.Tensor, resize: int) -> torch.Tensor:
     """uint8 Bx28x28 -> float Bx1xRxR in [0, 1]: `ToTensor` scaling, then bilinear like PIL `Resize`."""
     x = images_u8.unsqueeze(1).float().div_(255)
@@ -64,12 +87,11 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class DeviceData:
-    """A split held on the device as uint8 (55 MB for the full training set)."""
+    """Some images of a split, held on the device as uint8 (55 MB for the full training set)."""
 
-    def __init__(self, dataset, limit: int, device: torch.device):
-        idx = balanced_subset(dataset.targets, limit)
-        self.images = dataset.data[idx].to(device)
-        self.labels = dataset.targets[idx].to(device)
+    def __init__(self, dataset, indices: torch.Tensor, device: torch.device):
+        self.images = dataset.data[indices].to(device)
+        self.labels = dataset.targets[indices].to(device)
 
     def __len__(self):
         return len(self.labels)
@@ -91,10 +113,11 @@ class DeviceData:
             yield x, self.labels[idx]
 
 
-def book_loader(dataset, limit: int, batch_size: int, shuffle: torch.Generator | None, num_workers: int):
-    """The chapter's `d2l.load_data_fashion_mnist(batch_size, resize)`: a DataLoader over the
-    torchvision dataset built with `book_transform`, PIL Resize + ToTensor in worker processes."""
-    subset = torch.utils.data.Subset(dataset, balanced_subset(dataset.targets, limit).tolist())
+def book_loader(dataset, indices: torch.Tensor, batch_size: int, shuffle: torch.Generator | None, num_workers: int):
+    """The chapter's `d2l.load_data_fashion_mnist(batch_size, resize)`: a DataLoader over the images
+    `indices` of the torchvision dataset built with `book_transform`, PIL Resize + ToTensor in worker
+    processes."""
+    subset = torch.utils.data.Subset(dataset, indices.tolist())
     # Unshuffled (evaluation) it still gets a generator of its own: the DataLoader would otherwise draw
     # its workers' base seed from the global RNG and shift the dropout masks of every later epoch.
     generator = shuffle if shuffle is not None else torch.Generator().manual_seed(0)
@@ -104,3 +127,29 @@ def book_loader(dataset, limit: int, batch_size: int, shuffle: torch.Generator |
 
 def book_transform(resize: int):
     return transforms.Compose([transforms.Resize(resize), transforms.ToTensor()])
+
+
+class Splits:
+    """A config's three splits as batches for either pipeline: `batches("train", epoch)` shuffled for
+    that epoch, `batches("validation")` and `batches("test")` in order, at the evaluation batch size.
+    The validation images come from the training set; `sizes` says how many images each split has."""
+
+    def __init__(self, cfg, device: torch.device, eval_batch_size: int, channels_last: bool):
+        self.cfg, self.eval_batch_size, self.channels_last = cfg, eval_batch_size, channels_last
+        self.fast = cfg.pipeline == "fast"
+        transform = None if self.fast else book_transform(cfg.resize)
+        self.sets = {"train": load(cfg.data_dir, train=True, transform=transform),
+                     "test": load(cfg.data_dir, train=False, transform=transform)}
+        self.sets["validation"] = self.sets["train"]
+        self.indices = split_indices(cfg, self.sets["train"].targets, self.sets["test"].targets)
+        self.sizes = {name: len(idx) for name, idx in self.indices.items()}
+        if self.fast:
+            self.on_device = {name: DeviceData(self.sets[name], idx, device) for name, idx in self.indices.items()}
+
+    def batches(self, split: str, epoch: int | None = None):
+        cfg = self.cfg
+        shuffle = epoch_generator(cfg.seed, epoch) if split == "train" else None
+        batch_size = cfg.batch_size if split == "train" else self.eval_batch_size
+        if self.fast:
+            return self.on_device[split].batches(batch_size, cfg.resize, shuffle, self.channels_last)
+        return book_loader(self.sets[split], self.indices[split], batch_size, shuffle, cfg.num_workers)

@@ -37,6 +37,7 @@ RAW_MD5 = {  # the uncompressed files inside torchvision's archives
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # torchvision's FashionMNIST.mirrors
 FIX = "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or point data_dir / ALEXNET_DATA_DIR at good copies"
 
 
@@ -51,6 +52,25 @@ def torchvision_root() -> Path:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
+
+
+_MD5_SEEN: dict[tuple[str, int, int], str] = {}
+
+
+def file_md5(path: Path) -> str:
+    """A file's MD5, remembered by this process while the file keeps its size and modification time:
+    one run checks its data several times (before the run, loading each split, recording it)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _MD5_SEEN:
+        _MD5_SEEN[key] = _md5(path.read_bytes())
+    return _MD5_SEEN[key]
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """The MD5 of each of the four files the loaders read under `root` (a torchvision root, as
+    `prepare` returns it), by file name."""
+    return {name: file_md5(root / "FashionMNIST" / "raw" / name) for name in FILES}
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -118,8 +138,7 @@ def prepare(data_dir: str = "") -> Path | None:
                 raise UsageError(f"data: {name}(.gz) is missing from {folder} ({what}): {FIX}")
         for name, path in found.items():
             target = raw / name
-            if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime \
-                    and _md5(target.read_bytes()) == RAW_MD5[name]:
+            if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime and file_md5(target) == RAW_MD5[name]:
                 continue
             content = _verified_bytes(path, name)
             try:
@@ -130,6 +149,14 @@ def prepare(data_dir: str = "") -> Path | None:
                                  f"set ALEXNET_CACHE_DIR to a writable folder") from None
         return root
     return None
+
+
+def origin(data_dir: str = "") -> str:
+    """Where the files `prepare` uses come from: the first folder that holds them, else the download."""
+    for _, folder, _ in source_dirs(data_dir):
+        if any(_find(folder, name) for name in FILES):
+            return str(folder.resolve())
+    return DOWNLOAD_URL
 
 
 def searched(data_dir: str = "") -> str:

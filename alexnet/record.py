@@ -1,61 +1,163 @@
-"""What a tracked run records besides its metrics and checkpoints: where it came from and what it ran
-on (tags), and at the end its best epoch as an MLflow PyTorch model."""
+"""What a tracked run records besides its metrics and checkpoints: enough to re-create it, and at the
+end its best epoch as an MLflow PyTorch model.
+
+Before the run exists, `describe` gathers its record: tags for where it came from (experiment file,
+command line, git commit and whether the work tree differed from it) and what it ran on (device, GPU,
+precision, the speed and determinism switches as applied, versions), the data's checksums; the patch
+of an uncommitted work tree (`alexnet/checkout.py`); every installed package's version. Inside the
+run, `log_record` stores the patch as `code.patch`, the versions as `requirements.lock.txt`, and the
+data as MLflow dataset inputs: Fashion-MNIST's training, validation and test splits, each with a digest
+from the files' checksums and the images it selects (`alexnet reproduce` reads all of it back).
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
+import json
 import platform
-import subprocess
+import re
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 import torchvision
+from mlflow.data.schema import TensorDatasetSchema
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.models import infer_signature
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils import requirements_utils
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from alexnet import data
+from alexnet import checkout, data, datafiles
 from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
-from alexnet.config import Config
+from alexnet.config import TEST_IMAGES, TRAIN_IMAGES, Config
 from alexnet.model import alexnet
 from alexnet.redact import redact
-from alexnet.train import resolve_device, resolve_precision
+from alexnet.train import resolve_device, resolve_precision, speed_switches
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+PATCH = "code.patch"
+REQUIREMENTS = "requirements.lock.txt"
+DATASET = "fashion-mnist"
+MD5_TAG = "data.md5."  # + file name
+
+
+@dataclass(frozen=True)
+class Record:
+    tags: dict[str, str]
+    patch: bytes           # empty for a clean work tree
+    requirements: str
+    datasets: list
+
+
+def describe(cfg: Config, source: str | None) -> Record:
+    """Everything the run records about its origin, gathered before the run exists."""
+    code = checkout.current()
+    root = data.prepare(cfg.data_dir)
+    md5 = datafiles.checksums(root)
+    tags = {**run_tags(cfg, source), **{f"{MD5_TAG}{name}": value for name, value in md5.items()},
+            "data.source": datafiles.origin(cfg.data_dir)}
+    patch = b""
+    if code.commit:
+        tags.update({"git.commit": code.commit, "git.dirty": str(code.dirty).lower()})
+        if code.patch:
+            # A patch is stored as it is, or masked like everything else the project stores: then the
+            # run cannot be re-created from it, and its record says so.
+            patch = redact(code.patch.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+            tags["git.patch_sha256"] = code.patch_sha256
+            if patch != code.patch:
+                tags["git.patch_masked"] = "true"
+        if code.left_out:
+            tags["git.left_out"] = redact(", ".join(code.left_out))[:5000]
+    return Record(tags, patch, requirements_lock(), dataset_inputs(cfg, md5, tags["data.source"]))
 
 
 def run_tags(cfg: Config, source: str | None) -> dict[str, str]:
-    """Where the run came from (experiment file, command line, git commit and dirty flag) and what it
-    ran on (device, GPU, precision, versions)."""
+    """Where the run came from (experiment file, command line) and what it ran on (device, GPU,
+    precision, the switches as applied, versions)."""
     device = resolve_device(cfg)
+    cuda = device.type == "cuda"
     tags = {
         "experiment_file": source or "",
         "command": redact(" ".join(sys.argv)),
         "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        "gpu": torch.cuda.get_device_name(device) if cuda else "",
         "precision": resolve_precision(cfg, device),
+        "speed_switches": json.dumps(speed_switches(cfg, device), sort_keys=True),
         "version.python": platform.python_version(),
         "version.torch": torch.__version__,
         "version.torchvision": torchvision.__version__,
         "version.mlflow": mlflow.__version__,
     }
+    if cuda:
+        tags.update({"version.cuda": str(torch.version.cuda), "version.cudnn": str(torch.backends.cudnn.version())})
     try:
         tags["version.optuna"] = importlib.metadata.version("optuna")  # without importing it (0.3 s)
     except importlib.metadata.PackageNotFoundError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=CHECKOUT,
-                               capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            tags["git.commit"] = commit.stdout.strip()
-            tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
     return tags
+
+
+@functools.cache  # a process's installed packages do not change under it (45 ms to list; a sweep worker runs many trials)
+def requirements_lock() -> str:
+    """Every installed distribution as `name==version`, sorted, after the interpreter and platform:
+    a lock file `pip install -r` takes (the first of two copies on the path wins, as at import)."""
+    pins = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            pins.setdefault(re.sub(r"[-_.]+", "-", name).lower(), f"{name}=={dist.version}")
+    header = (f"# python {platform.python_version()} ({platform.python_implementation()}) on {platform.platform()}\n"
+              f"# {len(pins)} distributions installed in {sys.prefix}\n")
+    return header + "".join(f"{pins[k]}\n" for k in sorted(pins))
+
+
+def split_sizes(cfg: Config) -> dict[str, int]:
+    """How many images each split of `cfg` holds (what `data.split_indices` selects), without loading them."""
+    return {"train": cfg.train_limit or TRAIN_IMAGES - cfg.val_size, "validation": cfg.val_size,
+            "test": cfg.test_limit or TEST_IMAGES}
+
+
+# What the UI shows as the dataset's schema: torchvision's uint8 images and int64 labels.
+SCHEMA = json.dumps(TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), "image")]),
+                                        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")])).to_dict())
+SELECTED_BY = {"train": ("val_size", "split_seed", "train_limit"), "validation": ("val_size", "split_seed"),
+               "test": ("test_limit",)}
+
+
+def dataset_inputs(cfg: Config, md5: dict[str, str], origin: str) -> list[DatasetInput]:
+    """Fashion-MNIST as MLflow dataset inputs, one per split the run uses, its context the split. MLflow
+    keeps one input per (name, digest) and run, so each split is a dataset of its own: its digest hashes
+    the files' checksums and the selection (sizes, split seed), so runs that saw the same images share it."""
+    inputs = []
+    for split, n in split_sizes(cfg).items():
+        if n == 0:
+            continue
+        files = {name: md5[name] for name in datafiles.FILES if name.startswith("t10k" if split == "test" else "train")}
+        profile = {"num_rows": n, "split": split, **{k: getattr(cfg, k) for k in SELECTED_BY[split]}, "md5": files}
+        digest = hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
+        kind = "http" if origin.startswith("http") else "local"
+        dataset = Dataset(name=DATASET, digest=digest, source_type=kind, schema=SCHEMA,
+                          source=json.dumps({"url" if kind == "http" else "uri": origin}), profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    return inputs
+
+
+def log_record(run_id: str, rec: Record) -> None:
+    """Store the record's files and dataset inputs on the run (its tags went with the run's first)."""
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, rec.requirements, REQUIREMENTS)
+    if rec.patch:
+        with tempfile.TemporaryDirectory(prefix="alexnet-record-") as tmp:
+            path = Path(tmp) / PATCH
+            path.write_bytes(rec.patch)
+            client.log_artifact(run_id, str(path))
+    client.log_inputs(run_id, datasets=rec.datasets)
 
 
 def log_model(run, cfg: Config, model_state: dict) -> str:

@@ -1,9 +1,11 @@
 """Compare runs from the command line: a leaderboard from `mlflow.search_runs` (pandas), stale-run
 detection, and the learning curves of several runs in one figure.
 
-`alexnet runs` ranks by `test/best_acc`, the best-so-far test accuracy each run logs every epoch:
-`search_runs` reports a metric's last value, so a best-so-far metric is what makes its last value the
-one to rank by.
+`alexnet runs` ranks by `val/best_acc` (column `val_best`), the best-so-far validation accuracy runs
+with a validation split log every epoch, when any selected run has one, else by `test/best_acc`
+(`best_acc`, the chapter's protocol): `search_runs` reports a metric's last value, so a best-so-far
+metric is what makes its last value the one to rank by. `test@val` is the test accuracy of the epoch
+validation chose: the figure to report, not to rank by.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ COLUMNS = {
     "dropout": "params.dropout",
     "resize": "params.resize",
     "epochs": "params.epochs",
+    "val_best": "metrics.val/best_acc",
+    "test@val": "metrics.test/acc_at_best_val",
     "best_acc": "metrics.test/best_acc",
     "final_acc": "metrics.test/acc",
     "examples_per_sec": "metrics.perf/examples_per_sec",
 }
-NUMERIC = ["lr", "dropout", "resize", "epochs", "best_acc", "final_acc", "examples_per_sec", "duration_s"]
+NUMERIC = ["lr", "dropout", "resize", "epochs", "val_best", "test@val", "best_acc", "final_acc", "examples_per_sec",
+           "duration_s"]
 
 
 def _quoted(value: str, what: str) -> str:
@@ -65,17 +70,20 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
 
 
 def leaderboard(experiment: str | None = None, sweep: str | None = None, parent: str | None = None,
-                status: str | None = None, sort: str = "best_acc", reverse: bool = False,
+                status: str | None = None, sort: str | None = None, reverse: bool = False,
                 limit: int | None = None):
     """One row per run: name, status (STALE for a RUNNING run whose process is gone), lr, dropout,
-    resize, epochs, best and final test accuracy, examples/s (the book's count, last epoch),
-    duration, run id; best first."""
+    resize, epochs, best validation accuracy and the test accuracy at its epoch, best and final test
+    accuracy, examples/s (the book's count, last epoch), duration, run id; best first (`sort`: by
+    val_best where any run has it, else best_acc)."""
     raw = search(experiment, sweep, parent)
     columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id", "resume"]
-    if sort not in columns:
+    if sort is not None and sort not in columns:
         raise UsageError(f"runs: cannot sort by {sort!r} (columns: {', '.join(columns)})")
     if raw.empty:
         return pd.DataFrame(columns=columns)
+    if sort is None:
+        sort = "val_best" if raw.get(COLUMNS["val_best"], pd.Series(dtype=float)).notna().any() else "best_acc"
     board = pd.DataFrame({name: raw[col] if col in raw else None for name, col in COLUMNS.items()})
     if sweep:
         board["trial"] = pd.to_numeric(raw.get("tags.sweep.trial"), errors="coerce").astype("Int64")
@@ -110,8 +118,8 @@ def format_table(board) -> str:
         return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
     shown = board.drop(columns=["stale", "resume"]).copy()
-    formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "epochs": "{:.0f}", "best_acc": "{:.4f}",
-               "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}"}
+    formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "epochs": "{:.0f}", "val_best": "{:.4f}",
+               "test@val": "{:.4f}", "best_acc": "{:.4f}", "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}"}
     for name, fmt in formats.items():
         shown[name] = [fmt.format(v) if v == v and v is not None else "-" for v in shown[name]]
     shown["duration_s"] = [duration(v) for v in shown["duration_s"]]

@@ -1,11 +1,13 @@
 """MLflow around `train`: one run per training, with everything it learns.
 
-A run records every config field as a param; tags for where it came from and what it ran on
-(`alexnet/record.py`); the resolved config as `config.toml`; per epoch, with `step=epoch`, the namespaced
-metrics of `EpochRecord.metrics()`; system metrics (CPU, memory, GPU where `nvidia-ml-py` finds one); the
-last and the best training state as `checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/checkpoint.py`:
-atomic, checksummed, written in the background); `learning_curves.png`; and at the end the best epoch's
-model as an MLflow PyTorch model.
+A run records every config field as a param; tags for where it came from and what it ran on, the
+code's uncommitted changes, the installed versions and the data as MLflow dataset inputs
+(`alexnet/record.py`: what `alexnet reproduce` re-creates it from); the resolved config as
+`config.toml`; per epoch, with `step=epoch`, the namespaced metrics of `EpochRecord.metrics()`; system
+metrics (CPU, memory, GPU where `nvidia-ml-py` finds one); the last and the best training state as
+`checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/checkpoint.py`: atomic, checksummed, written in
+the background; the best epoch is validation's choice where there is a validation split);
+`learning_curves.png`; and at the end the best epoch's model as an MLflow PyTorch model.
 
 The run's life is in this one file. `tracked_train` first checks what can be checked before a run exists
 (the device, the data, the store, the experiment: bad input leaves the store as it was), then starts the
@@ -186,7 +188,8 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
         start_tags = {**redact_tags(tags or {}), "resumes": str(resumes), "resumed_from_epoch": str(start["epoch"])}
     else:
         exp_id = store.experiment_id(cfg.experiment)
-        start_tags = resolve_tags({**record.run_tags(cfg, source), **redact_tags(tags or {})})
+        origin = record.describe(cfg, source)
+        start_tags = resolve_tags({**origin.tags, **redact_tags(tags or {})})
 
     # --- The run: started inside the protection that ends it ---
     run_id, helpers, result = None, Helpers(), TrackedRun("")
@@ -208,6 +211,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
             client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in asdict(cfg).items()],
                              synchronous=True)
             client.log_text(run_id, to_toml(cfg), "config.toml")
+            record.log_record(run_id, origin)
         helpers.writer = checkpoint.Writer(run_id, run.info.artifact_uri)
 
         for rec in train(cfg, start=start, progress=progress):

@@ -7,7 +7,9 @@ What mirrors `train_ch6`: Xavier-uniform conv/linear weights, plain SGD(lr), cro
 the running train loss and accuracy (train mode), test accuracy (eval mode, no grad) and examples/s
 counted over step time only, as the book's timer does. Added: examples/s end to end (data and
 evaluation included), epoch seconds, best-so-far test accuracy, and the full training state for
-checkpoints. With one seed on one device, two runs give identical metrics, and a run resumed from a
+checkpoints. With a validation split (`val_size > 0`, held out of the training images, never trained
+on) each epoch is also evaluated on it, and the best epoch is the one validation chose; the chapter
+has no such split (it tunes nothing), and `val_size = 0` keeps its protocol exactly. With one seed on one device, two runs give identical metrics, and a run resumed from a
 checkpoint continues exactly where it stopped (shuffling depends on (seed, epoch); the RNG state that
 drives dropout is in the checkpoint).
 
@@ -24,6 +26,7 @@ measures one against the other.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -46,28 +49,38 @@ class EpochRecord:
     train_loss: float
     train_acc: float
     test_acc: float
-    best_test_acc: float
-    best_epoch: int
+    best_test_acc: float          # the best test accuracy so far (the chapter's runs have nothing else)
+    best_epoch: int               # the epoch chosen so far: best validation accuracy, else best test accuracy
     examples_per_sec: float       # the book's count: training examples / summed step time
     wall_examples_per_sec: float  # training examples / the whole epoch, data and evaluation included
     epoch_seconds: float
     compile_seconds: float = 0.0  # one-time torch.compile warm-up, reported with the first epoch
+    # With a validation split (val_size > 0), else None:
+    val_acc: float | None = None
+    best_val_acc: float | None = None
+    test_acc_at_best_val: float | None = None  # test accuracy of the epoch validation chose
     # The training state after this epoch (model, optimizer, epoch, RNG, config). Its tensors are the
     # live ones: copy them before the next epoch starts if they must outlive it.
     state: Callable[[], dict] = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, float]:
-        """Namespaced metric names, as logged to MLflow (`perf/compile_seconds` only where it is > 0:
-        the first epoch of a compiled run)."""
+        """Namespaced metric names, as logged to MLflow (`val/...` and `test/acc_at_best_val` only with
+        a validation split; `perf/compile_seconds` only where it is > 0: the first epoch of a compiled
+        run)."""
         metrics = {
             "train/loss": self.train_loss,
             "train/acc": self.train_acc,
             "test/acc": self.test_acc,
             "test/best_acc": self.best_test_acc,
+        }
+        if self.val_acc is not None:
+            metrics.update({"val/acc": self.val_acc, "val/best_acc": self.best_val_acc,
+                            "test/acc_at_best_val": self.test_acc_at_best_val})
+        metrics.update({
             "perf/examples_per_sec": self.examples_per_sec,
             "perf/wall_examples_per_sec": self.wall_examples_per_sec,
             "perf/epoch_seconds": self.epoch_seconds,
-        }
+        })
         if self.compile_seconds > 0:
             metrics["perf/compile_seconds"] = self.compile_seconds
         return metrics
@@ -127,13 +140,15 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 def speed_switches(cfg: Config, device: torch.device) -> dict:
     """The speed switches as a run applies them. The book pipeline keeps the chapter's plain path (fp32,
     no autotuning, a host sync every step, evaluation at the training batch size); on the fast one,
-    bf16, channels_last and fused SGD apply only on CUDA, where they pay."""
+    bf16, channels_last and fused SGD apply only on CUDA, where they pay. `deterministic` turns cuDNN's
+    autotuning off: it picks its algorithms by timing them, anew in every process."""
     fast, cuda = cfg.pipeline == "fast", device.type == "cuda"
     return {
         "precision": resolve_precision(cfg, device),
         "channels_last": fast and cuda and cfg.channels_last,
         "fused_sgd": fast and cuda and cfg.fused_sgd,
-        "cudnn_benchmark": fast and cfg.cudnn_benchmark,
+        "cudnn_benchmark": fast and cfg.cudnn_benchmark and not cfg.deterministic,
+        "deterministic": cfg.deterministic,
         "compile": cfg.compile,
         "eval_batch_size": cfg.eval_batch_size if fast else cfg.batch_size,
         "sync_each_step": not fast,
@@ -222,6 +237,18 @@ def evaluate(model, batches, *, device, amp_dtype, sync_each_step=False) -> floa
     return correct.item() / seen
 
 
+def set_determinism(switches: dict) -> None:
+    """Apply the process-wide switches that decide whether a GPU run repeats bit for bit: cuDNN's
+    autotuning (its choice of algorithms differs from process to process), cuDNN's deterministic
+    algorithms, and `torch.use_deterministic_algorithms` (an op with no deterministic kernel then
+    raises instead of running). cuBLAS needs a fixed workspace for it, set before its first use."""
+    if switches["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = switches["deterministic"]
+    torch.use_deterministic_algorithms(switches["deterministic"])
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,10 +285,10 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     device = resolve_device(cfg)
     switches = speed_switches(cfg, device)
     amp_dtype = torch.bfloat16 if switches["precision"] == "bf16" else None
-    fast, cuda, channels_last = cfg.pipeline == "fast", device.type == "cuda", switches["channels_last"]
-    # cuDNN's autotuning flag is process-wide: it is set again before each epoch, since two trainings
-    # may alternate in one process (benchmarks/throughput.py).
-    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
+    cuda, channels_last = device.type == "cuda", switches["channels_last"]
+    # These flags are process-wide: they are set again before each epoch, since two trainings may
+    # alternate in one process (benchmarks/throughput.py).
+    set_determinism(switches)
     torch.manual_seed(cfg.seed)
 
     # --- Model (built and initialised on the CPU, so the initial weights do not depend on the device) ---
@@ -271,40 +298,23 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=True if switches["fused_sgd"] else None)
-    first_epoch, best_acc, best_epoch = 1, 0.0, 0
+    # The best epoch so far: by validation accuracy where there is a validation split, else (the
+    # chapter's protocol) by test accuracy. The best test accuracy is kept either way.
+    first_epoch, best = 1, {"test_acc": 0.0, "epoch": 0, "val_acc": 0.0, "test_acc_at_best_val": 0.0}
     if start is not None:
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
-        first_epoch, best_acc, best_epoch = start["epoch"] + 1, start["best_test_acc"], start["best_epoch"]
+        first_epoch = start["epoch"] + 1
+        best = {"test_acc": start["best_test_acc"], "epoch": start["best_epoch"],
+                "val_acc": start.get("best_val_acc", 0.0), "test_acc_at_best_val": start.get("test_acc_at_best_val", 0.0)}
         torch.set_rng_state(start["rng"]["torch"])
         if cuda and start["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(start["rng"]["cuda"])
 
-    # --- Data ---
+    # --- Data: training images, the validation split held out of them (val_size > 0), test images ---
     eval_batch = switches["eval_batch_size"]
-    if fast:
-        train_data = data.DeviceData(data.load(cfg.data_dir, train=True), cfg.train_limit, device)
-        test_data = data.DeviceData(data.load(cfg.data_dir, train=False), cfg.test_limit, device)
-        n_train, n_test = len(train_data), len(test_data)
-
-        def train_batches(epoch):
-            return train_data.batches(cfg.batch_size, cfg.resize, data.epoch_generator(cfg.seed, epoch), channels_last)
-
-        def test_batches():
-            return test_data.batches(eval_batch, cfg.resize, None, channels_last)
-    else:
-        transform = data.book_transform(cfg.resize)
-        train_set = data.load(cfg.data_dir, train=True, transform=transform)
-        test_set = data.load(cfg.data_dir, train=False, transform=transform)
-        n_train = len(data.balanced_subset(train_set.targets, cfg.train_limit))
-        n_test = len(data.balanced_subset(test_set.targets, cfg.test_limit))
-
-        def train_batches(epoch):
-            return data.book_loader(train_set, cfg.train_limit, cfg.batch_size,
-                                    data.epoch_generator(cfg.seed, epoch), cfg.num_workers)
-
-        def test_batches():
-            return data.book_loader(test_set, cfg.test_limit, cfg.batch_size, None, cfg.num_workers)
+    splits = data.Splits(cfg, device, eval_batch, channels_last)
+    n_train, validate = splits.sizes["train"], splits.sizes["validation"] > 0
 
     # --- Optional compilation, timed apart ---
     forward, compile_seconds = model, 0.0
@@ -316,8 +326,9 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
         def example(b):
             return torch.zeros(b, 1, cfg.resize, cfg.resize, device=device).contiguous(memory_format=fmt)
 
+        eval_sizes = {b for name in ("validation", "test") for b in batch_sizes(splits.sizes[name], eval_batch)}
         inputs = ([(True, example(b)) for b in batch_sizes(n_train, cfg.batch_size)]
-                  + [(False, example(b)) for b in batch_sizes(n_test, eval_batch)])
+                  + [(False, example(b)) for b in sorted(eval_sizes, reverse=True)])
         compile_seconds = _compile_warmup(forward, model, inputs, device, amp_dtype)
 
     # --- Training ---
@@ -325,30 +336,40 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     # No bar when output is not a terminal (`disable=None`): a log file would get a line per refresh.
     bar = tqdm(total=(cfg.epochs - first_epoch + 1) * steps_per_epoch, unit="step", disable=None if progress else True,
                dynamic_ncols=True, leave=False)
+    evaluation = dict(device=device, amp_dtype=amp_dtype, sync_each_step=switches["sync_each_step"])
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
-            torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
+            set_determinism(switches)
             t0 = time.perf_counter()
             loss, train_acc, seen, step_seconds = train_one_epoch(
-                forward, optimizer, train_batches(epoch), epoch=epoch, device=device, amp_dtype=amp_dtype,
+                forward, optimizer, splits.batches("train", epoch), epoch=epoch, device=device, amp_dtype=amp_dtype,
                 sync_each_step=switches["sync_each_step"], bar=bar)
-            test_acc = evaluate(forward, test_batches(), device=device, amp_dtype=amp_dtype,
-                                sync_each_step=switches["sync_each_step"])
+            val_acc = evaluate(forward, splits.batches("validation"), **evaluation) if validate else None
+            test_acc = evaluate(forward, splits.batches("test"), **evaluation)
             epoch_seconds = time.perf_counter() - t0
-            if test_acc > best_acc:
-                best_acc, best_epoch = test_acc, epoch
+            if validate:
+                if val_acc > best["val_acc"]:
+                    best.update(epoch=epoch, val_acc=val_acc, test_acc_at_best_val=test_acc)
+            elif test_acc > best["test_acc"]:
+                best["epoch"] = epoch
+            best["test_acc"] = max(best["test_acc"], test_acc)
+            best_now = dict(best)
 
-            def state(epoch=epoch, best_acc=best_acc, best_epoch=best_epoch):
+            def state(epoch=epoch, best=best_now):
                 return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "best_test_acc": best_acc, "best_epoch": best_epoch,
+                        "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+                        "best_val_acc": best["val_acc"], "test_acc_at_best_val": best["test_acc_at_best_val"],
                         "rng": {"torch": torch.get_rng_state(),
                                 "cuda": torch.cuda.get_rng_state_all() if cuda else []},
                         "config": asdict(cfg)}
 
-            yield EpochRecord(epoch, loss, train_acc, test_acc, best_acc, best_epoch,
+            yield EpochRecord(epoch, loss, train_acc, test_acc, best_now["test_acc"], best_now["epoch"],
                               examples_per_sec=seen / step_seconds, wall_examples_per_sec=seen / epoch_seconds,
                               epoch_seconds=epoch_seconds,
-                              compile_seconds=compile_seconds if epoch == first_epoch else 0.0, state=state)
+                              compile_seconds=compile_seconds if epoch == first_epoch else 0.0,
+                              val_acc=val_acc, best_val_acc=best_now["val_acc"] if validate else None,
+                              test_acc_at_best_val=best_now["test_acc_at_best_val"] if validate else None,
+                              state=state)
     finally:
         bar.close()

@@ -59,7 +59,8 @@ def test_throughput_prints_both_pipelines_and_writes_a_full_record(tmp_path, no_
     book, fast = record["pipelines"]["book"], record["pipelines"]["fast"]
     # The book keeps the chapter's path; on the CPU the fast one uses no CUDA-only switch.
     assert book["switches"] == {"precision": "fp32", "channels_last": False, "fused_sgd": False, "cudnn_benchmark": False,
-                                "compile": False, "eval_batch_size": 16, "sync_each_step": True, "num_workers": 4}
+                                "deterministic": False, "compile": False, "eval_batch_size": 16, "sync_each_step": True,
+                                "num_workers": 4}
     assert fast["switches"]["precision"] == "fp32" and not fast["switches"]["channels_last"]
     assert not fast["switches"]["fused_sgd"] and not fast["switches"]["sync_each_step"]
     assert fast["switches"]["eval_batch_size"] == 1000 and fast["switches"]["num_workers"] == 0

@@ -135,7 +135,7 @@ def test_device_resize_matches_the_chapters_resize_totensor_within_1_255(resize)
 
 def test_device_batches_cover_the_subset_once_per_epoch():
     test = data.load(train=False)
-    split = data.DeviceData(test, 300, torch.device("cpu"))
+    split = data.DeviceData(test, data.balanced_subset(test.targets, 300), torch.device("cpu"))
     seen = torch.cat([y for _, y in split.batches(128, 67, data.epoch_generator(0, 1))])
     assert len(seen) == 300 and torch.equal(seen.sort().values, split.labels.sort().values)
     first = [y for _, y in split.batches(128, 67, data.epoch_generator(0, 1))][0]

@@ -15,16 +15,17 @@ def test_both_pipelines_visit_the_same_examples_in_the_same_order():
     """For a (seed, epoch) the fast pipeline draws the book DataLoader's shuffle, so a seed means the
     same run in both, up to the resize's rounding (PIL rounds to uint8, the fast resize does not)."""
     book_set = data.load(train=True, transform=data.book_transform(67))
-    fast_set = data.DeviceData(data.load(train=True), 256, torch.device("cpu"))
+    subset = data.balanced_subset(book_set.targets, 256)
+    fast_set = data.DeviceData(data.load(train=True), subset, torch.device("cpu"))
     for seed, epoch in [(0, 1), (0, 2), (5, 1)]:
-        book = list(data.book_loader(book_set, 256, 64, data.epoch_generator(seed, epoch), num_workers=2))
+        book = list(data.book_loader(book_set, subset, 64, data.epoch_generator(seed, epoch), num_workers=2))
         fast = list(fast_set.batches(64, 67, data.epoch_generator(seed, epoch)))
         assert [len(y) for _, y in book] == [len(y) for _, y in fast] == [64] * 4
         assert all(torch.equal(yb, yf) for (_, yb), (_, yf) in zip(book, fast))
         assert max((xb - xf).abs().max().item() for (xb, _), (xf, _) in zip(book, fast)) <= 1 / 255 + 1e-6
     # Evaluation leaves the global RNG (dropout) alone in the book pipeline too.
     rng = torch.get_rng_state()
-    list(data.book_loader(book_set, 64, 64, None, num_workers=0))
+    list(data.book_loader(book_set, subset[:64], 64, None, num_workers=0))
     assert torch.equal(rng, torch.get_rng_state())
 
 
@@ -32,7 +33,8 @@ def test_speed_switches_apply_only_on_the_fast_pipeline_and_cuda_only_where_they
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     book = speed_switches(Config(pipeline="book"), cpu)
     assert book == {"precision": "fp32", "channels_last": False, "fused_sgd": False, "cudnn_benchmark": False,
-                    "compile": False, "eval_batch_size": 128, "sync_each_step": True, "num_workers": 4}
+                    "deterministic": False, "compile": False, "eval_batch_size": 128, "sync_each_step": True,
+                    "num_workers": 4}
     fast_cpu = speed_switches(Config(), cpu)
     assert (fast_cpu["precision"], fast_cpu["channels_last"], fast_cpu["fused_sgd"]) == ("fp32", False, False)
     assert (fast_cpu["sync_each_step"], fast_cpu["eval_batch_size"], fast_cpu["num_workers"]) == (False, 1000, 0)
@@ -44,6 +46,8 @@ def test_speed_switches_apply_only_on_the_fast_pipeline_and_cuda_only_where_they
     assert speed_switches(Config(pipeline="book"), cuda) == book  # the chapter's path on a GPU as well
     off = speed_switches(Config(channels_last=False, fused_sgd=False, cudnn_benchmark=False), cuda)
     assert not (off["channels_last"] or off["fused_sgd"] or off["cudnn_benchmark"])
+    exact = speed_switches(Config(deterministic=True), cuda)  # autotuning picks algorithms anew in each process
+    assert exact["deterministic"] and not exact["cudnn_benchmark"] and exact["precision"] == "bf16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert speed_switches(Config(), cuda)["precision"] == "fp32"  # V100: bf16 would be emulated
 

@@ -1,8 +1,9 @@
 """Optuna sweeps on real data, real MLflow and Optuna stores in temp folders, real worker processes.
 
-Budget: resize 67, 256 training and 200 test images, batch 64, 1-2 epochs per trial. At epoch 1
-these configs gave (measured; CPU float noise moves them by a few images): lr 0.01 -> test acc 0.13,
-lr 0.05 -> 0.19, lr 2 -> exactly 0.10 (collapsed to one class), lr 50 -> a NaN loss. That is what
+Budget: resize 67, 256 training, 200 validation and 200 test images, batch 64, 1-2 epochs per trial;
+trials are scored on validation (val/best_acc, the default objective). At epoch 1 these configs gave
+(measured; CPU float noise moves them by a few images): lr 0.01 -> val acc 0.115, lr 0.05 -> 0.185,
+lr 2 -> exactly 0.10 (collapsed to one class), lr 50 -> a NaN loss. That is what
 makes the mixed sweep below complete, prune and diverge on cue; which complete trial wins is read
 from the study, not assumed.
 """
@@ -27,6 +28,7 @@ TINY = """
 [set]
 resize = 67
 train_limit = 256
+val_size = 200
 test_limit = 200
 batch_size = 64
 epochs = {epochs}
@@ -186,8 +188,11 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
     result = sweep_cli(mixed["home"], "confirm", "mixed", "--top", 2, "--seeds", 2, "--quiet")
     assert result.returncode == 0, result.stderr
     out = result.stdout  # the top 2 are trials 0 (the baseline) and 1, in either order
-    assert "baseline = trial 0" in out and "trial 1" in out and out.count("+/-") == 2
-    assert "winner beats the baseline? " in out and "Welch" in out
+    table, final = out.split("winner beats the baseline? ")
+    assert table.startswith("val/best_acc over 2 fresh seeds")
+    assert "baseline = trial 0" in table and "trial 1" in table and table.count("+/-") == 2
+    assert final.startswith(("yes: ", "no: ", "cannot tell: "))
+    assert "\nfinal test accuracy (test/acc_at_best_val" in final  # read only after the verdict
     runs = sweep_runs(mixed["client"], "mixed")["confirm"]
     assert len(runs) == 4 and {r.data.tags["sweep.seed"] for r in runs} == {"1000", "1001"}
     assert all(r.data.tags["mlflow.parentRunId"] == mixed["parent"] for r in runs)
@@ -424,6 +429,10 @@ BAD = [
     ("sampler = \"cmaes\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "sampler = 'cmaes' is not allowed"),
     ("pruner = \"asha\"\n[space]\nlr = { low = 0.001, high = 0.1 }", "pruner = 'asha' is not allowed"),
     ("[space]\nlr = { low = 0.02, high = 0.1 }", "base value 0.01 is outside the space"),
+    ("objective = \"test/best_acc\"\n[space]\nlr = { low = 0.001, high = 0.1 }",
+     "objective = 'test/best_acc' is a test metric: selecting on the test set biases"),
+    ("[set]\nval_size = 0\n[space]\nlr = { low = 0.001, high = 0.1 }",
+     "objective = 'val/best_acc' needs a validation split, but val_size = 0"),
 ]
 
 
@@ -448,12 +457,16 @@ def test_objective_names_are_the_trainers_metrics():
     from alexnet.sweep.spec import OBJECTIVES
     from alexnet.train import EpochRecord
 
-    assert list(OBJECTIVES) == list(EpochRecord(*[0] * 9).metrics())
+    validated = EpochRecord(*[0] * 9, val_acc=0, best_val_acc=0, test_acc_at_best_val=0)
+    assert list(OBJECTIVES) == list(validated.metrics())
+    assert set(EpochRecord(*[0] * 9).metrics()) < set(OBJECTIVES)  # without a validation split, the chapter's keys
 
 
-def test_the_shipped_sweep_files_load():
+def test_the_shipped_sweep_files_load_and_select_on_a_validation_split():
     default = load_sweep(ROOT / "sweeps" / "default.toml")
     assert default.study == "default" and set(default.space) == {"lr", "dropout", "resize"}
+    assert (default.objective, default.config["val_size"]) == ("val/best_acc", 5000)  # a sweep's default split
+    assert load_sweep(ROOT / "sweeps" / "smoke.toml").config["val_size"] == 1000  # its [set] says otherwise
     assert default.config["resize"] == 224 and 224 in default.space["resize"]["choices"]
     smoke = load_sweep(ROOT / "sweeps" / "smoke.toml", ["resize=67"])
     assert "resize" not in smoke.space and smoke.config["resize"] == 67  # --set fixes a searched field

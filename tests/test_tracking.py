@@ -114,7 +114,8 @@ def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
     got = client.get_run(run.run_id)
     assert got.data.tags["checkpoints"] == "deleted"
     assert got.data.params["lr"] == str(cfg.lr) and got.data.metrics["test/best_acc"] == run.records[-1].best_test_acc
-    assert {f.path for f in client.list_artifacts(run.run_id)} == {"config.toml", "learning_curves.png"}
+    record = {"config.toml", "requirements.lock.txt"} | ({"code.patch"} if got.data.tags["git.dirty"] == "true" else set())
+    assert {f.path for f in client.list_artifacts(run.run_id)} == record | {"learning_curves.png"}
     assert mlflow.search_logged_models(filter_string=f"source_run_id = '{run.run_id}'", output_format="list",
                                        experiment_ids=[got.info.experiment_id]) == []
     client.set_terminated(run.run_id, "KILLED")  # as if it had been stopped: still nothing to resume from
@@ -172,7 +173,8 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path
     assert [r["run"] for r in rows] == ["s1-trial-1", "s1-trial-0", "s1-trial-2"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["runs", "--sweep", "s1", "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("run,status,lr,dropout,resize,epochs,best_acc,final_acc")
+    assert capsys.readouterr().out.splitlines()[0].startswith(
+        "run,status,lr,dropout,resize,epochs,val_best,test@val,best_acc,final_acc")
     assert cli.main(["runs", "--status", "finished", "--limit", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3 and "s1-trial-1" in table[1] and "0.7000" in table[1]

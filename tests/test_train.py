@@ -28,6 +28,17 @@ def test_same_seed_same_metrics_other_seed_other_metrics():
         assert r.best_test_acc == max(x.test_acc for x in first[: r.epoch])
 
 
+def test_deterministic_trains_the_same_on_the_cpu_and_restores_the_process_switches():
+    """`deterministic = true` only forbids nondeterministic kernels (the CPU's are deterministic already):
+    the same metrics; and the next training without it turns the process-wide switches back off."""
+    plain = list(train(load_config(None, TINY), progress=False))
+    exact = list(train(load_config(None, TINY + ["deterministic=true"]), progress=False))
+    assert metrics(exact) == metrics(plain)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    next(train(load_config(None, TINY + ["epochs=1"]), progress=False))
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
 def test_resuming_from_a_state_continues_exactly():
     cfg = load_config(None, TINY)
     full = list(train(cfg, progress=False))

@@ -1,6 +1,6 @@
 """`alexnet ui`'s server on a temp store with two real tiny runs, opened in headless Chromium (Debian's
 /usr/bin/chromium driven by Playwright): the runs page and the compare page show the runs' names,
-params and metrics. Screenshots go to tests/artifacts/ (git-ignored)."""
+params and metrics, and the runs page and a run's page show the Fashion-MNIST dataset inputs. Screenshots go to tests/artifacts/ (git-ignored)."""
 
 import os
 import socket
@@ -90,6 +90,23 @@ def test_runs_and_compare_pages_show_names_params_and_metrics(server, page):
         assert f"{run.data.metrics['train/loss']:.3f}"[:4] in text
     for header in ["test/best_acc", "train/loss", "lr", "dropout", "0.05", "0.2", "0.5"]:
         assert header in text, header
+    # The Dataset column: each run's Fashion-MNIST inputs, by name and digest, with the split as context.
+    digests = {i.dataset.digest for r in found.values() for i in r.inputs.dataset_inputs}
+    assert len(digests) == 2  # the two runs saw the same train and test images
+    assert "fashion-mnist" in text and any(d in text for d in digests), text
+
+    # A run's page names its datasets; their drawer lists each split with its context and profile.
+    run = found["ui-lr-0.05"]
+    page.goto(f"{server}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}")
+    page.get_by_text("fashion-mnist (").first.click()
+    page.get_by_text("2 datasets used").wait_for()
+    page.screenshot(path=SHOTS / "ui-run-datasets.png")
+    drawer = page.inner_text("body")
+    for dataset_input in run.inputs.dataset_inputs:
+        context = dataset_input.tags[0].value
+        assert f"fashion-mnist ({dataset_input.dataset.digest})\n{context.title()}" in drawer, context
+    assert "num rows: 256" in drawer and "Path: /" in drawer
+    page.keyboard.press("Escape")
 
     # Compare page: both runs side by side, with their params and metrics.
     page.set_viewport_size({"width": 1800, "height": 1500})

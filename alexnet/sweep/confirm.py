@@ -14,6 +14,12 @@ is itself uncertain and the t distribution widens the interval for exactly that 
 2-SE bars is also far stricter than p < 0.05). Picking the winner by its confirmed mean among K
 makes the test slightly optimistic; with K small against S that bias is small.
 
+Selection and judgement use the study's objective, validation accuracy by default (`val/best_acc`),
+under the sweep's own split (same `val_size` and `split_seed`; only the seed changes). Test accuracy
+(`test/acc_at_best_val`: each run's epoch chosen by validation) is read only after the winner and the
+verdict are settled, and reported as the final figure: nothing is chosen by it. A study that selected on
+a test metric is refused.
+
 Runs already confirmed (same params, same seed, FINISHED) are reused, so an interrupted confirm
 resumes where it stopped.
 """
@@ -71,24 +77,34 @@ def choose(study, top: int) -> dict:
                        "params": base_params, "sweep": base_trial.value if base_trial else None}, **top_configs}
 
 
+def test_metric(base_config: dict) -> str:
+    """The final figure: the test accuracy of the epoch validation chose, or without a validation split
+    the last epoch's (neither is ever selected on)."""
+    return "test/acc_at_best_val" if base_config.get("val_size", 0) > 0 else "test/acc"
+
+
 def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None:
-    """Each configuration's objective over the fresh seeds, in `c["values"]`: runs confirmed before (same
-    params, same seed, FINISHED) are reused, so an interrupted confirm resumes where it stopped."""
+    """Each configuration's objective over the fresh seeds, in `c["values"]`, and its final test figure,
+    in `c["test_values"]`, kept apart: runs confirmed before (same params, same seed, FINISHED) are
+    reused, so an interrupted confirm resumes where it stopped."""
     attrs, name = study.user_attrs, study.study_name
     objective, base = attrs["objective"], attrs["base_config"]
-    done = {}  # (params key, seed) -> value
+    final = test_metric(base)
+    done = {}  # (params key, seed) -> (objective value, test value)
     for run in trial_runs(name, role="confirm", experiment=base["experiment"]):
-        tags = run.data.tags
-        if run.info.status == "FINISHED" and objective in run.data.metrics:
-            done[(tags.get("sweep.confirm_params"), int(tags.get("sweep.seed", -1)))] = run.data.metrics[objective]
+        tags, metrics = run.data.tags, run.data.metrics
+        if run.info.status == "FINISHED" and objective in metrics:
+            done[(tags.get("sweep.confirm_params"), int(tags.get("sweep.seed", -1)))] = \
+                (metrics[objective], metrics.get(final, math.nan))
     say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     say(f"confirm {name!r}: {len(configs)} configurations x {len(seed_list)} fresh seeds "
         f"({seed_list[0]}-{seed_list[-1]}), {sum((k, s) not in done for k in configs for s in seed_list)} runs to train")
     for key, c in configs.items():
-        c["values"] = []
+        c["values"], c["test_values"] = [], []
         for seed in seed_list:
             if (key, seed) in done:
-                c["values"].append(done[(key, seed)])
+                c["values"].append(done[(key, seed)][0])
+                c["test_values"].append(done[(key, seed)][1])
                 continue
             cfg = Config(**{**base, **c["params"], "seed": seed,
                             "run_name": f"{name}-confirm-{c['label'].split(' =')[0].replace(' ', '')}-seed{seed}"})
@@ -97,10 +113,11 @@ def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None
             try:
                 run = tracked_train(cfg, source=attrs.get("sweep_file"), parent_run_id=attrs["mlflow_parent_run_id"],
                                     tags=tags, progress=not quiet)
-                value = run.records[-1].metrics()[objective]
+                value, test = run.records[-1].metrics()[objective], run.records[-1].metrics().get(final, math.nan)
             except Diverged:
-                value = math.nan  # counted in n, left out of the mean: a config that diverges is not confirmed
+                value = test = math.nan  # counted in n, left out of the mean: a config that diverges is not confirmed
             c["values"].append(value)
+            c["test_values"].append(test)
             say(f"  {c['label']}, seed {seed}: {objective} {value:.4f}")
 
 
@@ -138,17 +155,23 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
     study = load_study(study_name, storage)
     attrs = study.user_attrs
     objective, direction, parent = attrs["objective"], attrs["direction"], attrs["mlflow_parent_run_id"]
+    if objective.startswith("test/"):
+        raise UsageError(f"confirm: study {study_name!r} selected on {objective}, a test metric: its ranking is biased "
+                         f"upwards; sweep again with a validation objective (val/best_acc, the default)")
     if not ranked(study, direction):
         raise UsageError(f"confirm: study {study_name!r} has no COMPLETE trial yet: let the sweep finish first")
     configs = choose(study, top)
     seed_list = [FIRST_SEED + i for i in range(seeds)]
     train_seeds(study, configs, seed_list, quiet)
 
+    # --- Selection and verdict: the objective alone ---
+    sign = 1 if direction == "maximize" else -1
     rows = list(configs.values())
     for c in rows:
         c["finite"] = [v for v in c["values"] if math.isfinite(v)]
-        c["mean"] = float(np.mean(c["finite"])) if c["finite"] else math.nan
-        c["std"] = float(np.std(c["finite"], ddof=1)) if len(c["finite"]) > 1 else math.nan
+        c["mean"], c["std"] = mean_std(c["finite"])
+    # The baseline first, then the others best first (by the objective's mean; diverged last).
+    rows = rows[:1] + sorted(rows[1:], key=lambda c: -sign * c["mean"] if math.isfinite(c["mean"]) else math.inf)
     words, winner, p = verdict(rows, direction)
     width = max(len(c["label"]) for c in rows)
     print(f"{objective} over {seeds} fresh seeds ({direction}); sweep value = the trial's single-seed value")
@@ -159,11 +182,26 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
               f"{f', {diverged} diverged' if diverged else ''}; {sweep_value})  {format_params(c['params'])}")
     print(f"winner beats the baseline? {words}")
 
+    # --- The final figure, read only now: test accuracy, chosen by nothing ---
+    final = test_metric(attrs["base_config"])
+    for c in rows:
+        c["test_mean"], c["test_std"] = mean_std([v for v in c["test_values"] if math.isfinite(v)])
+    shown = [rows[0]] + ([winner] if winner is not None and winner is not rows[0] else [])
+    print(f"final test accuracy ({final}, over the same seeds; never used to choose): "
+          + "; ".join(f"{c['label']} {c['test_mean']:.4f} +/- {c['test_std']:.4f}" for c in shown))
+
     client = mlflow.MlflowClient()
     client.log_dict(parent, {"objective": objective, "direction": direction, "seeds": seed_list, "alpha": ALPHA,
                              "test": "Welch's t-test, one-sided", "p_value": None if math.isnan(p) else p,
                              "winner": winner["label"] if winner else None, "verdict": words,
-                             "configs": [{k: c[k] for k in ("label", "params", "values", "mean", "std", "sweep")}
+                             "final_test_metric": final,
+                             "configs": [{k: c[k] for k in ("label", "params", "values", "mean", "std", "sweep",
+                                                            "test_values", "test_mean", "test_std")}
                                          for c in rows]}, "confirm.json")
     client.set_tag(parent, "confirm.verdict", words[:5000])
     return 0
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return (float(np.mean(values)) if values else math.nan,
+            float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)

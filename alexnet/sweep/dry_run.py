@@ -18,13 +18,13 @@ from alexnet.sweep.spec import Sweep, base_params, describe_space, format_params
 
 
 def dry_run_sweep(sweep: Sweep, workers: int) -> Sweep:
-    """The same sweep on a tiny budget: resize 67, 256 training and 200 test images, 2 epochs, 3
-    trials, a pruner that may prune after epoch 1, top-1 retention, a 1 s heartbeat."""
+    """The same sweep on a tiny budget: resize 67, 256 training, 200 test (and up to 200 validation)
+    images, 2 epochs, 3 trials, a pruner that may prune after epoch 1, top-1 retention, a 1 s heartbeat."""
     space = {k: v for k, v in sweep.space.items() if k != "resize"}
     if not space:
         space = {"lr": {"low": sweep.config["lr"] / 2, "high": sweep.config["lr"] * 2, "log": True, "step": None}}
     config = {**sweep.config, "resize": MIN_RESIZE, "train_limit": 256, "test_limit": 200, "epochs": 2,
-              "batch_size": 64}
+              "batch_size": 64, "val_size": min(sweep.config["val_size"], 200)}
     return dataclasses.replace(sweep, space=space, config=config, n_trials=min(sweep.n_trials or 3, 3),
                                timeout_minutes=0.0, pruner_startup_trials=1, pruner_warmup_epochs=0, keep_top=1,
                                heartbeat_seconds=1, grace_seconds=5, storage=default_storage())
@@ -72,7 +72,8 @@ def plan_text(sweep: Sweep, workers: int) -> str:
         f"  space: {describe_space(sweep.space)}",
         f"  each trial: {c['epochs']} epochs, batch {c['batch_size']}, "
         + ("" if "resize" in sweep.space else f"resize {c['resize']}, ") +
-        f"{c['train_limit'] or 60000} training / {c['test_limit'] or 10000} test images"
+        f"{c['train_limit'] or 60000 - c['val_size']} training / {c['val_size']} validation / "
+        f"{c['test_limit'] or 10000} test images"
         + (f", first trial the base's own values ({format_params(base_params(sweep))})" if sweep.enqueue_base else ""),
         f"  storage {redact(where(sweep.storage))}; MLflow {redact(where(tracking_uri()))}, "
         f"experiment {c['experiment']!r}; keep checkpoints of the top {sweep.keep_top} trials"])

@@ -30,7 +30,7 @@ class Sweep:
     base: str = _f("", "experiment file every trial starts from, relative to the sweep file; empty: the defaults")
     n_trials: int = _f(20, "trials to finish in all, across workers and resumes; 0: no count, only the time budget")
     timeout_minutes: float = _f(0.0, "stop starting new trials after this many minutes of this command; 0: none")
-    objective: str = _f("test/best_acc", "the per-epoch metric reported to the pruner; its last value is the trial's")
+    objective: str = _f("val/best_acc", "the per-epoch metric reported to the pruner; its last value is the trial's (never a test/ metric: the test set is for the final figure only)")
     direction: str = _f("maximize", "maximize or minimize the objective")
     sampler: str = _f("tpe", "tpe (multivariate, constant liar) or random; both seeded")
     seed: int = _f(0, "sampler seed of the study's first worker; each later worker gets the next one")
@@ -54,10 +54,11 @@ SPEC_KEYS = ("low", "high", "log", "step", "choices")
 SAMPLERS, PRUNERS, DIRECTIONS = ("tpe", "random"), ("median", "hyperband", "none"), ("maximize", "minimize")
 
 
-# The keys of `EpochRecord.metrics()` (listed here so that checking a sweep file needs no torch;
-# tests/test_sweep.py checks the two agree).
-OBJECTIVES = ("train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
-              "perf/wall_examples_per_sec", "perf/epoch_seconds")
+# The keys of `EpochRecord.metrics()` with a validation split (listed here so that checking a sweep file
+# needs no torch; tests/test_sweep.py checks the two agree). A sweep may select on any but the test ones.
+OBJECTIVES = ("train/loss", "train/acc", "test/acc", "test/best_acc", "val/acc", "val/best_acc",
+              "test/acc_at_best_val", "perf/examples_per_sec", "perf/wall_examples_per_sec", "perf/epoch_seconds")
+SWEEP_VAL_SIZE = 5000  # the validation split a sweep holds out unless its base experiment or [set] says otherwise
 
 
 def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = None,
@@ -94,6 +95,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         check_keys(values, str(base_file))
     values.update(fixed)
     values.update(cli)
+    values.setdefault("val_size", SWEEP_VAL_SIZE)  # selection needs images the score is not reported on
     try:
         config = Config(**values)
     except UsageError as e:
@@ -120,6 +122,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
     for name, (ok, allowed) in checks.items():
         if not ok:
             raise UsageError(f"{where}: {name} = {getattr(sweep, name)!r} is not allowed (use {allowed})")
+    check_objective(where, sweep.objective, config)
     if n_trials is not None:
         if n_trials < 0:
             raise UsageError(f"sweep: --n-trials must be >= 0, got {n_trials}")
@@ -132,6 +135,17 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         raise UsageError(f"{where}: [space] searches nothing: add e.g. lr = {{ low = 0.001, high = 0.1, log = true }}")
     return dataclasses.replace(sweep, study=sweep.study or path.stem, space=space, config=asdict(config),
                                source=str(path), storage=check_storage(storage or default_storage()))
+
+
+def check_objective(where: str, objective: str, config: Config) -> None:
+    """A sweep selects on validation, or on anything but the test set: a winner picked by its test
+    accuracy is optimistically biased, the more so the more trials there are."""
+    if objective.startswith("test/"):
+        raise UsageError(f"{where}: objective = {objective!r} is a test metric: selecting on the test set biases the "
+                         f"winner's score upwards; use val/best_acc (the default) and keep the test set for the end")
+    if objective.startswith("val/") and config.val_size == 0:
+        raise UsageError(f"{where}: objective = {objective!r} needs a validation split, but val_size = 0: "
+                         f"set val_size (e.g. val_size = {SWEEP_VAL_SIZE} in [set])")
 
 
 # The storages whose workers can share a lock (see alexnet/sweep/study.py), which keeps the trial count
