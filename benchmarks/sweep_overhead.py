@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout, installed or not
 
-DEFAULT = ["resize=67", "epochs=2", "train_limit=1024", "test_limit=500", "batch_size=64",
+DEFAULT = ["resize=67", "epochs=2", "train_limit=1024", "val_size=500", "test_limit=500", "batch_size=64",
            "eval_batch_size=500"]
 TARGET_TRIAL_S, TARGET_START_S, TARGET_END_S = 1.0, 2.0, 2.0
 

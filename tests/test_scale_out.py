@@ -55,6 +55,7 @@ lr = {{ low = 0.005, high = 0.05, log = true }}
 [set]
 resize = 67
 train_limit = 256
+val_size = 200
 test_limit = 200
 batch_size = 64
 epochs = 1
@@ -265,7 +266,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
             models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
             assert bool(files) == bool(models) == (t.number in kept), t.number
             if t.state.name == "COMPLETE":
-                [acc] = client.get_metric_history(run.info.run_id, "test/acc")
+                [acc] = client.get_metric_history(run.info.run_id, "val/acc")  # the objective: val/best_acc
                 assert acc.step == 1 and acc.value == pytest.approx(t.value)
         best = children[min(kept)]
         state = checkpoint.fetch(best.info.run_id, "best")

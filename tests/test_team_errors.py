@@ -27,6 +27,7 @@ lr = { low = 0.005, high = 0.05, log = true }
 [set]
 resize = 67
 train_limit = 256
+val_size = 200
 test_limit = 200
 batch_size = 64
 epochs = 3
