@@ -4,6 +4,7 @@ on (tags), and at the end its best epoch as an MLflow PyTorch model."""
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import subprocess
 import sys
@@ -20,11 +21,23 @@ from mlflow.utils import requirements_utils
 from alexnet import data
 from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
 from alexnet.config import Config
-from alexnet.model import alexnet
+from alexnet.model import RawImages, alexnet
 from alexnet.redact import redact
 from alexnet.train import resolve_device, resolve_precision
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parent
+CHECKOUT = PACKAGE.parent
+
+
+class _PickleNotice(logging.Filter):
+    """MLflow warns, on every model it saves with pickle, that loading one runs code: this project pickles
+    its own model on purpose (see `log_model`), and the README says so once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
 
 
 def run_tags(cfg: Config, source: str | None) -> dict[str, str]:
@@ -58,17 +71,45 @@ def run_tags(cfg: Config, source: str | None) -> dict[str, str]:
     return tags
 
 
+def describe(cfg: Config, source: str | None) -> str:
+    """The run's description in MLflow's UI (the `mlflow.note.content` tag): what it trains, in a line."""
+    train_images = f"{cfg.train_limit:,}" if cfg.train_limit else "all 60,000"
+    test_images = f"{cfg.test_limit:,}" if cfg.test_limit else "all 10,000"
+    origin = f" From `{source}`." if source and source != "/dev/null" else ""
+    return (f"AlexNet on Fashion-MNIST: {cfg.epochs} epochs at resize {cfg.resize}, lr {cfg.lr:g}, batch "
+            f"{cfg.batch_size}, dropout {cfg.dropout:g}, seed {cfg.seed}; {train_images} training and "
+            f"{test_images} test images ({cfg.pipeline} pipeline).{origin}")
+
+
+def outcome(error: BaseException | None, records: list) -> str:
+    """How the run ended, in a line for its description (`records`: this call's epochs)."""
+    last = records[-1] if records else None
+    reached = f" after epoch {last.epoch}" if last else " before its first epoch ended"
+    if error is None:
+        if last is None:
+            return "**Finished**: every epoch was already trained."
+        return (f"**Finished**: test accuracy {last.test_acc:.4f} at its last epoch, best {last.best_test_acc:.4f} "
+                f"at epoch {last.best_epoch}.")
+    if getattr(error, "note", ""):  # a callback's own words (the sweep's pruner)
+        return error.note
+    if isinstance(error, KeyboardInterrupt):
+        return f"**Stopped** (interrupted){reached}; it resumes from its last checkpoint."
+    return f"**Failed**{reached}: {redact(str(error)).splitlines()[0][:500] if str(error) else type(error).__name__}."
+
+
 def log_model(run, cfg: Config, model_state: dict) -> str:
-    """Log `model_state` as the run's MLflow PyTorch model (`torch.export` format), with two real
-    test images as its input example and the signature they give. Returns the model's URI."""
+    """Log `model_state` as the run's MLflow PyTorch model, taking raw images (`alexnet.model.RawImages`:
+    uint8 or [0, 1] float, B x 28 x 28 or B x 1 x 28 x 28; the run's resize inside). Its input example is
+    four real test images as the files hold them (uint8 4 x 28 x 28), its signature what they give.
+    Returns the model's URI."""
     # MLflow writes the model to a temporary folder, then copies it into the store.
     nbytes = tensor_bytes(model_state)
     for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(run.info.artifact_uri)]):
         check_room(folder, nbytes, "the model")
-    model = alexnet(cfg.dropout, cfg.resize)
-    model.load_state_dict(model_state)
-    model.eval()
-    example = data.resize_batch(data.load(cfg.data_dir, train=False).data[:2], cfg.resize)  # batch 2: export keeps the batch dim free
+    net = alexnet(cfg.dropout, cfg.resize)
+    net.load_state_dict(model_state)
+    model = RawImages(net, cfg.resize).eval()
+    example = data.load(cfg.data_dir, train=False).data[:4]
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     # The logged model is made here, in the run's experiment: MLflow's own would go to its "active"
@@ -76,11 +117,15 @@ def log_model(run, cfg: Config, model_state: dict) -> str:
     logged = mlflow.MlflowClient().create_logged_model(
         run.info.experiment_id, name="model", source_run_id=run.info.run_id,
         params={k: redact(str(v)) for k, v in asdict(cfg).items()})
+    # Pickled, not `torch.export`ed: `mlflow.pytorch.load_model` then gives the eager module, which takes
+    # any batch size, uint8 or float, with or without the channel dimension (an exported graph is fixed to
+    # one input's dtype and rank). The `alexnet` package travels with the model (`code_paths`), so it
+    # loads where `alexnet` is not installed. MLflow's pyfunc checks inputs against the signature
+    # strictly: through it the model takes uint8 B x 28 x 28, the files' own format.
     # Explicit requirements: MLflow's inference of them loads the model in a subprocess (~18 s here).
-    # No serving-input check: it reloads the 187 MB model to predict the example again (~0.8 s a run),
-    # and on a GPU machine it loads onto CUDA, where MLflow refuses a model exported on the CPU.
+    # MLflow then reloads the saved model and predicts the example through pyfunc, as a server would.
     info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(), signature=signature,
-                                    serialization_format="pt2", validate_serving_input=False,
+                                    serialization_format="pickle", code_paths=[str(PACKAGE)],
                                     run_id=run.info.run_id, model_id=logged.model_id,
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     return info.model_uri
