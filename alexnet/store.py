@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +26,7 @@ from filelock import FileLock
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from alexnet import UsageError
+from alexnet import UsageError, views
 from alexnet.home import artifacts_dir, is_local_default, mlruns_dir, tracking_uri, where, with_busy_timeout
 from alexnet.redact import first_line, redact
 
@@ -70,6 +71,19 @@ def set_up_store(uri: str | None = None) -> str:
     return uri
 
 
+_announced = False
+
+
+def announce(experiment: str | None, uri: str | None = None) -> None:
+    """Say on stderr, once per process, which store and experiment a command uses (passwords masked):
+    with a virtualenv installed from another clone, the store is that clone's unless ALEXNET_HOME says."""
+    global _announced
+    if not _announced:
+        _announced = True
+        which = f"experiment {experiment!r}" if experiment else "all experiments"
+        print(f"alexnet: store {redact(where(uri or tracking_uri()))}, {which}", file=sys.stderr)
+
+
 def _answers(uri: str) -> None:
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
@@ -109,7 +123,7 @@ def experiment_id(name: str, create: bool = True) -> str:
         raise UsageError(f"no experiment {name!r} in {redact(where(tracking_uri()))} (known: {known})")
     location = artifacts_dir().as_uri() if is_local_default(mlflow.get_tracking_uri()) else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=views.experiment_tags())
     except MlflowException as e:
         exp = client.get_experiment_by_name(name)  # another process may have created it first
         if exp is not None:
