@@ -56,14 +56,13 @@ def cmd_train(args) -> int:
                 records.append(record)
                 say(epoch_line(record, cfg.epochs))
         else:
-            from alexnet import tracking
-            from alexnet.home import tracking_uri, where
-            from alexnet.redact import redact
+            from alexnet import store, tracking
+
+            store.announce(cfg.experiment)
 
             def on_start(run_id):
                 started["run_id"] = run_id
-                say(f"{what}\nmlflow run {run_id} in experiment {cfg.experiment!r} at {redact(where(tracking_uri()))} "
-                    f"(if it stops early: alexnet train --resume {run_id})")
+                say(f"{what}\nmlflow run {run_id} (if it stops early: alexnet train --resume {run_id})")
 
             run = tracking.tracked_train(cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
                                          on_start=on_start, on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
@@ -164,17 +163,23 @@ def cmd_runs(args) -> int:
     from alexnet import plots, runs, store
 
     store.set_up_store()
+    store.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
-                  sort=args.sort, reverse=args.reverse, limit=args.limit)
+                  role=args.role, sort=args.sort, reverse=args.reverse, limit=args.limit)
     board = runs.leaderboard(**select)
     if args.kill_stale:
-        for run_id, why, resume in runs.stale_runs(board):
+        stale = runs.stale_runs(board)
+        for run_id, why, resume in stale:
             store.mark_killed(run_id, why)
             print(f"marked run {run_id} KILLED ({why}); resume it with: {resume}", file=sys.stderr)
+        if not stale:
+            running = (board["status"] == "RUNNING").sum()
+            print(f"no stale runs: {'no run is RUNNING' if not running else f'the {running} RUNNING runs are alive'} "
+                  f"among the {len(board)} selected", file=sys.stderr)
         board = runs.leaderboard(**select)
     if args.plot:
         if board.empty:
-            raise UsageError("--plot: no runs selected, nothing to draw")
+            raise UsageError(f"--plot: nothing to draw: {runs.empty_words(board, select)}")
         labels = [name if isinstance(name, str) and name else r[:8] for name, r in zip(board["run"], board["run_id"])]
         print(f"wrote {plots.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
     if args.csv:
@@ -182,24 +187,40 @@ def cmd_runs(args) -> int:
     elif args.json:
         print(board.to_json(orient="records", indent=1))
     elif board.empty:
-        print("no runs match", file=sys.stderr)
+        print(runs.empty_words(board, select), file=sys.stderr)
     else:
         print(runs.format_table(board))
         if (board["status"] == "STALE").any():
             print("STALE: RUNNING in MLflow but its process is gone; `alexnet runs --kill-stale` marks them KILLED, "
                   "`alexnet train --resume RUN_ID` continues one (a sweep's: run the sweep again)", file=sys.stderr)
+    if args.sweep and not args.role:
+        others = runs.leaderboard(sweep=args.sweep, role="confirm")
+        if len(others):
+            print(f"and {len(others)} confirm runs of this sweep: alexnet runs --sweep {args.sweep} --role confirm",
+                  file=sys.stderr)
     return 0
+
+
+def cmd_gc(args) -> int:
+    """The retention policy applied to every run; MLflow-deleted runs removed for good (alexnet/cleanup.py)."""
+    from alexnet import cleanup, store
+
+    store.set_up_store()
+    store.announce(None)
+    return cleanup.gc(args.yes)
 
 
 def cmd_ui(args) -> int:
     """The MLflow UI on the project's store (alexnet/ui.py)."""
     from alexnet import ui
 
-    return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment)
+    return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment, sweep=args.sweep, top=args.top,
+                    open_browser=args.open)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from alexnet.config import describe_fields
+    from alexnet.sweep.spec import describe_keys
 
     parser = argparse.ArgumentParser(
         prog="alexnet", description="AlexNet on Fashion-MNIST (d2l 7.1): train, track in MLflow, sweep with Optuna.")
@@ -236,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="an Optuna sweep: each trial a child MLflow run; resumable, parallel",
                        description="Search the space of a sweep file (sweeps/*.toml). Running the same command "
-                                   "again resumes the study; more workers may join from another terminal.")
+                                   "again resumes the study; more workers may join from another terminal.",
+                       epilog="sweep-file keys (default, meaning):\n" + describe_keys(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="sweep TOML file (sweeps/*.toml: base experiment, [space], trials, sampler, pruner)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
@@ -261,16 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_confirm)
 
     p = sub.add_parser("runs", help="leaderboard of MLflow runs: filter, sort, CSV/JSON, learning curves",
-                       description="One row per run, best test accuracy first: name, status, lr, dropout, resize, "
-                                   "epochs, best and final test accuracy, examples/s, duration, run id.")
+                       description="One row per run, best test accuracy first: name, role, status, lr, dropout, "
+                                   "resize, epochs, the data size, pipeline and seed where runs differ, best and final "
+                                   "test accuracy, examples/s, trial, duration, disk use, run id; then the disk used "
+                                   "in all.")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: alexnet-fashion-mnist; "
                    "all experiments with --sweep or --parent)")
-    p.add_argument("--sweep", metavar="STUDY", help="only the trials of this sweep study (tag sweep.study)")
+    p.add_argument("--sweep", metavar="STUDY", help="only the runs of this sweep study (tag sweep.study): its "
+                   "trials, or with --role its confirm runs")
     p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent run")
-    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE"],
-                   help="only runs in this state (STALE: RUNNING, but its process is gone)")
-    p.add_argument("--sort", default="best_acc", metavar="COLUMN", help="column to sort by (default: best_acc, "
-                   "best first; names A-Z)")
+    p.add_argument("--role", choices=["run", "trial", "parent", "confirm"], help="only runs of this role: run "
+                   "(alexnet train), trial (a sweep's), parent (a sweep's study), confirm (alexnet confirm's)")
+    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED"],
+                   help="only runs in this state (STALE: RUNNING, but its process is gone; PRUNED: a trial the "
+                   "sweep's pruner stopped)")
+    p.add_argument("--sort", default="best_acc", metavar="COLUMN", help="column to sort by, as the header names "
+                   "it (default: best_acc; numbers best first, duration and disk smallest first, names A-Z)")
     p.add_argument("--reverse", action="store_true", help="reverse the sort order")
     p.add_argument("--limit", type=int, metavar="N", help="show the first N runs only")
     out = p.add_mutually_exclusive_group()
@@ -283,14 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="the MLflow UI on the project's runs (127.0.0.1:5000)",
                        description="Start the MLflow UI on the project's store, wait until it answers and print "
-                                   "the URL of the experiment's runs page. Ctrl-C stops it.")
+                                   "the URLs of its pages in the model-training view: the experiment's runs (best "
+                                   "first, the params and accuracies as columns), each sweep's trials; with --sweep, "
+                                   "that sweep's trials and the compare page of its top trials. Ctrl-C stops it.")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--allowed-hosts", metavar="HOSTS", help="comma-separated Host names clients may use; "
                    "required with a --host beyond loopback (e.g. myserver:5000)")
     p.add_argument("--experiment", default="alexnet-fashion-mnist", metavar="NAME", help="experiment whose page to print")
+    p.add_argument("--sweep", metavar="STUDY", help="print the pages of this sweep: its trials, and its top trials compared")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="trials to compare with --sweep (default: 3)")
+    p.add_argument("--open", action="store_true", help="also open the first page in a web browser")
     add_tracking_arg(p)
     p.set_defaults(run=cmd_ui)
+
+    p = sub.add_parser("gc", help="free disk: the retention policy on every run; MLflow-deleted runs for good",
+                       description="Apply the retention policy to every run of the store (a sweep's trials outside "
+                                   "its top keep_top, confirm runs, finished runs' best.pt beside their model) and "
+                                   "remove the runs deleted in MLflow for good; say how much it frees. A dry run "
+                                   "unless --yes.")
+    p.add_argument("--yes", action="store_true", help="delete (default: only say what would go and how much it frees)")
+    add_tracking_arg(p)
+    p.set_defaults(run=cmd_gc)
     return parser
 
 
