@@ -56,9 +56,9 @@ def cmd_train(args) -> int:
                 records.append(record)
                 say(epoch_line(record, cfg.epochs))
         else:
-            from alexnet import store, tracking
+            from alexnet import home, tracking
 
-            store.announce(cfg.experiment)
+            home.announce(cfg.experiment)
 
             def on_start(run_id):
                 started["run_id"] = run_id
@@ -160,10 +160,10 @@ def cmd_confirm(args) -> int:
 
 def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/runs.py)."""
-    from alexnet import plots, runs, store
+    from alexnet import home, plots, runs, store
 
     store.set_up_store()
-    store.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
+    home.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   role=args.role, sort=args.sort, reverse=args.reverse, limit=args.limit)
     board = runs.leaderboard(**select)
@@ -203,10 +203,10 @@ def cmd_runs(args) -> int:
 
 def cmd_gc(args) -> int:
     """The retention policy applied to every run; MLflow-deleted runs removed for good (alexnet/cleanup.py)."""
-    from alexnet import cleanup, store
+    from alexnet import cleanup, home, store
 
     store.set_up_store()
-    store.announce(None)
+    home.announce(None)
     return cleanup.gc(args.yes)
 
 
@@ -338,8 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alexnet import home
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    home.announced = False  # each command names its store once
     if getattr(args, "tracking_uri", None):  # one place for every command; sweep workers inherit it
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     try:

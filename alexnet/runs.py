@@ -189,7 +189,9 @@ def _confirmed_trial(tags: dict) -> str | None:
 def megabytes(nbytes) -> str:
     if nbytes != nbytes or nbytes is None:
         return "-"
-    return f"{nbytes / 1e9:,.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.0f} MB"
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:,.2f} GB"
+    return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.1f} MB"
 
 
 def format_table(board) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 import threading
 import time
 import urllib.error
@@ -69,19 +68,6 @@ def set_up_store(uri: str | None = None) -> str:
         _probe_server(uri)
     _answers(uri)
     return uri
-
-
-_announced = False
-
-
-def announce(experiment: str | None, uri: str | None = None) -> None:
-    """Say on stderr, once per process, which store and experiment a command uses (passwords masked):
-    with a virtualenv installed from another clone, the store is that clone's unless ALEXNET_HOME says."""
-    global _announced
-    if not _announced:
-        _announced = True
-        which = f"experiment {experiment!r}" if experiment else "all experiments"
-        print(f"alexnet: store {redact(where(uri or tracking_uri()))}, {which}", file=sys.stderr)
 
 
 def _answers(uri: str) -> None:

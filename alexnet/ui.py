@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 
-from alexnet import UsageError, runs, store, views
+from alexnet import UsageError, home, runs, store, views
 from alexnet.home import artifacts_dir, is_local_default, where
 from alexnet.redact import redact
 
@@ -139,7 +139,7 @@ def serve(host: str, port: int, allowed_hosts: str | None, experiment: str, swee
     if top < 1:
         raise UsageError(f"ui: --top must be >= 1, got {top}")
     uri = store.set_up_store()
-    store.announce(None if sweep else experiment, uri)
+    home.announce(None if sweep else experiment, uri)
     if uri.startswith(("http://", "https://")):
         found = links(redact(uri), experiment, sweep, top)
         print_links(found)

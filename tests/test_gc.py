@@ -64,9 +64,9 @@ def test_gc_applies_the_policy_to_every_run_and_removes_deleted_runs_for_good(ho
     assert "dry run, nothing is deleted" in err and "alexnet: store sqlite:///" in err
     lines = out.splitlines()
     assert "  sweep 'g': checkpoints and models of trials outside its top 1: 2 runs, 12 MB" in lines
-    assert "  confirm runs: checkpoints and models (their metrics are what they are for): 1 run, 6 MB" in lines
-    assert "  finished runs: best.pt beside a logged model of the same weights: 1 run, 3 MB" in lines
-    assert "  runs deleted in MLflow, removed for good: 1 run, 4 MB" in lines
+    assert "  confirm runs: checkpoints and models (their metrics are what they are for): 1 run, 6.0 MB" in lines
+    assert "  finished runs: best.pt beside a logged model of the same weights: 1 run, 3.0 MB" in lines
+    assert "  runs deleted in MLflow, removed for good: 1 run, 4.0 MB" in lines
     assert lines[-1] == "would free 25 MB"
     assert {r: files_of(r) for r in before} == before
     assert mlflow.get_run(deleted).info.lifecycle_stage == "deleted"

@@ -151,6 +151,31 @@ print("/code/alexnet/" in sys.modules["alexnet"].__file__)
     assert result.stdout.split() == ["RawImages", "(3,", "10)", str(cfg.resize), "True"]
 
 
+def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path):
+    """The README's "Load the model" snippet, as it stands there, run in a fresh process from the project
+    folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
+    the `~/.cache/alexnet` the snippet reads the test images from: this machine's cache."""
+    from alexnet import datafiles
+
+    cfg, run = tracked
+    snippet = (ROOT / "README.md").read_text().split("### Load the model")[1].split("```python\n")[1].split("```")[0]
+    fake_home = tmp_path / "user"
+    (fake_home / ".cache").mkdir(parents=True)
+    (fake_home / ".cache" / "alexnet").symlink_to(datafiles.cache_dir())
+    prelude = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+               f"RUN_ID = {run.run_id!r}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI") and not k.startswith("ALEXNET_")}
+    result = subprocess.run([sys.executable, "-c", prelude + snippet], cwd=os.environ["ALEXNET_HOME"], capture_output=True,
+                            text=True, timeout=300, env={**env, "HOME": str(fake_home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted, true = (json.loads(line.split(":", 1)[1]) for line in result.stdout.splitlines())
+    test = data.load(cfg.data_dir, train=False)
+    model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+    with torch.no_grad():
+        assert predicted == model(test.data[:8]).argmax(1).tolist()
+    assert true == test.targets[:8].tolist() == [9, 2, 1, 1, 6, 1, 4, 6]
+
+
 def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
     cfg, run = tracked
     client = mlflow.MlflowClient()
@@ -257,7 +282,6 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path
     assert "train" not in header and "pipeline" not in header  # the same for every trial
     assert "PRUNED" in table[4] and " 1/2 " in table[4] and "170 MB" in table[1]
     assert table[-1] == "disk: 680 MB in 4 runs"
-    store._announced = False  # said once per process: this test's process has run commands before
     assert cli.main(["runs"]) == 0
     out = capsys.readouterr()
     assert {"train", "pipeline", "seed"} <= set(out.out.splitlines()[0].split())  # they differ here

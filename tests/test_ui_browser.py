@@ -74,9 +74,13 @@ def served(tmp_path_factory):
                "opened": (home / "opened.txt").read_text().split(), "base": f"http://127.0.0.1:{port}",
                "runs": {r.info.run_name: r for r in client.search_runs([exp])}, "proc": proc}
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # SIGTERM: `alexnet ui` stops its server (its own session) before it exits
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -28,7 +28,7 @@ import mlflow
 import numpy as np
 from scipy import stats
 
-from alexnet import UsageError, disk, store
+from alexnet import UsageError, disk, home, store
 from alexnet.config import Config
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import format_params
@@ -143,7 +143,7 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
     store.set_up_store()
     study = load_study(study_name, storage)
     attrs = study.user_attrs
-    store.announce(attrs["base_config"]["experiment"])
+    home.announce(attrs["base_config"]["experiment"])
     objective, direction, parent = attrs["objective"], attrs["direction"], attrs["mlflow_parent_run_id"]
     if not ranked(study, direction):
         raise UsageError(f"confirm: study {study_name!r} has no COMPLETE trial yet: let the sweep finish first")

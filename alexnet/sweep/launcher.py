@@ -26,7 +26,7 @@ import optuna
 import pynvml
 from tqdm import tqdm
 
-from alexnet import UsageError, datafiles, sizes, store
+from alexnet import UsageError, datafiles, home, sizes, store
 from alexnet.home import artifacts_dir, is_local_default, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
@@ -162,7 +162,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
     preflight(sweep)
-    store.announce(sweep.config["experiment"])
+    home.announce(sweep.config["experiment"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
