@@ -37,12 +37,14 @@ STALE_AFTER_S = 5 * 60       # a run on another host with no heartbeat for this 
 
 def quiet_mlflow() -> None:
     """MLflow's own chatter stays out of the user's way: the database-creation INFO lines, the
-    system-metrics start/stop lines, and the progress bars of artifact downloads (a resume's
-    checkpoint)."""
+    system-metrics start/stop lines, the progress bars of artifact downloads (a resume's
+    checkpoint), and, with a tracking server, the run's URL printed to stdout as each run ends (in the
+    GenAI view; `alexnet ui` prints the pages to open)."""
     for name in ("mlflow.store.db.utils", "mlflow.store.db", "alembic", "mlflow.system_metrics",
                  "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def set_up_store(uri: str | None = None) -> str:

@@ -47,8 +47,9 @@ def view_state(params: list[str], objective: str = "test/best_acc", direction: s
 
 def experiment_tags() -> dict[str, str]:
     """Tags a new experiment gets: its kind, a description, and its runs view."""
-    return {**KIND, NOTE: "AlexNet on Fashion-MNIST (d2l 7.1): runs of `alexnet train`, sweeps' parents, trials "
-                          "and confirm runs. `alexnet ui` prints the links to the views below.",
+    return {**KIND, NOTE: "AlexNet on Fashion-MNIST (d2l 7.1): runs of `alexnet train`, sweeps (a parent run each, "
+                          "its trials as children) and confirm runs. `alexnet ui` prints links to this page sorted "
+                          "best first, with the params and accuracies as columns.",
             VIEW_PREFIX + EXPERIMENT_VIEW: json.dumps(view_state(PARAM_COLUMNS))}
 
 

@@ -64,7 +64,8 @@ def served(tmp_path_factory):
         browser.chmod(0o755)
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "alexnet", "ui", "--open", "--port", str(port), "--sweep", "uis",
-                                 "--top", "2"], cwd=ROOT, env={**os.environ, "BROWSER": f"{browser} %s"},
+                                 "--top", "2"], cwd=ROOT, env={**os.environ, "BROWSER": f"{browser} %s",
+                                                              "TMPDIR": str(home)},  # its server's log goes there
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         printed = [proc.stdout.readline() for _ in range(4)]  # two pages: what each shows, then its URL
