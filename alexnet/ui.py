@@ -39,28 +39,31 @@ def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) ->
     if sweep:
         parent = runs.study_parent(sweep, "ui")
         exp_id = parent.info.experiment_id
-        objective, direction, space = runs.study_objective(parent)
-        for key, value in views.sweep_tags(sweep, space, objective, direction).items():
-            client.set_experiment_tag(exp_id, key, value)
+        objective, direction, _ = runs.study_objective(parent)
         best = runs.top_trials(sweep, exp_id, objective, direction, top)
-        found = [(f"sweep {sweep!r}: its trials, best {objective} first", views.runs_url(base, exp_id, views.sweep_view_key(sweep)))]
         if not best:
             raise UsageError(f"ui: sweep {sweep!r} has no FINISHED trial to compare yet")
-        return found + [(f"sweep {sweep!r}: its top {len(best)} trials side by side",
-                         views.compare_url(base, [r.info.run_id for r in best], [exp_id]))]
+        return [(f"sweep {sweep!r}: its trials, best {objective} first", sweep_page(base, client, sweep, parent)),
+                (f"sweep {sweep!r}: its top {len(best)} trials side by side",
+                 views.compare_url(base, [r.info.run_id for r in best], [exp_id]))]
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return [(f"experiment {experiment!r} has no runs yet: the experiments", f"{base.rstrip('/')}/#/experiments")]
-    for key, value in views.experiment_tags().items():
+    for key, value in views.experiment_tags().items():  # an experiment made before these tags gets them
         if key != views.NOTE or key not in exp.tags:  # a description edited in the UI stays
             client.set_experiment_tag(exp.experiment_id, key, value)
     found = [(f"experiment {experiment!r}: its runs, best test/best_acc first", views.runs_url(base, exp.experiment_id))]
     for name, parent in runs.studies(exp.experiment_id).items():
-        objective, direction, space = runs.study_objective(parent)
-        for key, value in views.sweep_tags(name, space, objective, direction).items():
-            client.set_experiment_tag(exp.experiment_id, key, value)
-        found.append((f"sweep {name!r}: its trials", views.runs_url(base, exp.experiment_id, views.sweep_view_key(name))))
+        found.append((f"sweep {name!r}: its trials", sweep_page(base, client, name, parent)))
     return found
+
+
+def sweep_page(base: str, client, study: str, parent) -> str:
+    """The runs page of a study's trials, its view (the searched params, the objective) written first."""
+    objective, direction, space = runs.study_objective(parent)
+    for key, value in views.sweep_tags(study, space, objective, direction).items():
+        client.set_experiment_tag(parent.info.experiment_id, key, value)
+    return views.runs_url(base, parent.info.experiment_id, views.sweep_view_key(study))
 
 
 def print_links(found: list[tuple[str, str]]) -> None:

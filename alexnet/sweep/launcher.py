@@ -165,8 +165,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     home.announce(sweep.config["experiment"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+    print(disk_plan(sweep, workers), file=sys.stderr)  # also with --quiet: it is what the disk must hold
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
-    say(disk_plan(sweep, workers))
     done, running, _ = tally(study)
     say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
         f"{', resuming' if done or running else ''}; {workers} worker{'s' if workers > 1 else ''}; "
