@@ -11,8 +11,8 @@ pickled code.
 
 Cost: `snapshot()` copies the state's tensors on their own device when called (a memcpy; on a GPU an
 asynchronous device-to-device copy), then a background thread moves the copy to the host, serializes,
-hashes and publishes it while the next epoch trains. Only what changed is written: `last.pt` every
-epoch, `best.pt` when test accuracy improved (from the same bytes when both change at once).
+hashes and publishes it while the next epoch trains. `last.pt` is written every epoch; `best.pt` is never
+written as a copy of it: it exists only while the best epoch is an earlier one (see `Writer`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import torch
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from alexnet import UsageError
 from alexnet.store import CHECKPOINTS as FOLDER
@@ -175,63 +176,116 @@ def local_artifact_dir(artifact_uri: str) -> Path | None:
     return None
 
 
-def publish(state: dict, names: list[str], run_id: str, artifact_uri: str) -> None:
-    """Write `state` once as `checkpoints/<name>.pt` for each name. On the local store the files
-    are renamed into the run's artifact folder; elsewhere they are uploaded from a temp folder."""
+def publish(state: dict, name: str, run_id: str, artifact_uri: str) -> int:
+    """Write `state` as `checkpoints/<name>.pt`: saved in place (atomically) on the local store, uploaded
+    from a temp folder elsewhere. Returns the file's bytes."""
     folder = local_artifact_dir(artifact_uri)
     if folder is not None:
-        folder = folder / FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        first = folder / f"{names[0]}.pt"
-        save(state, first)
-        for name in names[1:]:  # same bytes, a second atomic file
-            tmp = folder / f".{name}.pt.{os.getpid()}.tmp"
-            shutil.copyfile(first, tmp)
-            os.replace(tmp, folder / f"{name}.pt")
-        return
-    client = mlflow.MlflowClient()
+        path = folder / FOLDER / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(state, path)
+        return path.stat().st_size
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        first = Path(tmp) / f"{names[0]}.pt"
-        save(state, first)
-        for name in names:
-            if name != names[0]:
-                shutil.copyfile(first, Path(tmp) / f"{name}.pt")
-            client.log_artifact(run_id, str(Path(tmp) / f"{name}.pt"), FOLDER)
+        path = Path(tmp) / f"{name}.pt"
+        save(state, path)
+        mlflow.MlflowClient().log_artifact(run_id, str(path), FOLDER)
+        return path.stat().st_size
+
+
+def keep_last_as_best(run_id: str, artifact_uri: str) -> int:
+    """Make the published `last.pt` the run's `best.pt` too, just before a newer, worse state replaces
+    `last.pt`. On the local store a hard link (no copy, no room needed; `os.replace` of the next `last.pt`
+    leaves it whole); elsewhere a download and an upload. Returns `best.pt`'s bytes (0: no `last.pt`)."""
+    folder = local_artifact_dir(artifact_uri)
+    if folder is not None:
+        last, best = folder / FOLDER / "last.pt", folder / FOLDER / "best.pt"
+        if not last.is_file():
+            return 0
+        tmp = best.with_name(f".best.pt.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, best)
+        return best.stat().st_size
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+        if "last.pt" not in _listed(run_id):
+            return 0
+        path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/last.pt", dst_path=tmp))
+        best = path.with_name("best.pt")
+        path.rename(best)
+        mlflow.MlflowClient().log_artifact(run_id, str(best), FOLDER)
+        return best.stat().st_size
+
+
+def remove(name: str, run_id: str, artifact_uri: str) -> None:
+    """Delete `checkpoints/<name>.pt` if the run has one."""
+    folder = local_artifact_dir(artifact_uri)
+    if folder is not None:
+        (folder / FOLDER / f"{name}.pt").unlink(missing_ok=True)
+    elif f"{name}.pt" in _listed(run_id):
+        get_artifact_repository(artifact_uri).delete_artifacts(f"{FOLDER}/{name}.pt")
+
+
+def _listed(run_id: str) -> set[str]:
+    return {Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run_id, FOLDER)}
 
 
 def fetch(run_id: str, name: str) -> dict | None:
-    """Load the run's `checkpoints/<name>.pt` (checksum checked), or None if it has none."""
+    """Load the run's `checkpoints/<name>.pt` (checksum checked), or None if it has none. For the best
+    state use `fetch_best`: `best.pt` exists only while it differs from `last.pt`."""
     client = mlflow.MlflowClient()
     what = f"{FOLDER}/{name}.pt of run {run_id}"
     folder = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
     if folder is not None:  # the local store: read it in place, no copy
         path = folder / FOLDER / f"{name}.pt"
         return load(path, what) if path.is_file() else None
-    listed = {Path(f.path).name for f in client.list_artifacts(run_id, FOLDER)}
-    if f"{name}.pt" not in listed:
+    if f"{name}.pt" not in _listed(run_id):
         return None
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/{name}.pt", dst_path=tmp)
         return load(path, what)
 
 
+def fetch_best(run_id: str, last: dict | None = None) -> dict | None:
+    """The run's best training state: `last.pt` when its best epoch is its last epoch, else `best.pt`
+    (None if there is neither). `last`: the run's `last.pt`, already loaded."""
+    last = last if last is not None else fetch(run_id, "last")
+    if last is not None and last["best_epoch"] == last["epoch"]:
+        return last
+    return fetch(run_id, "best")
+
+
 class Writer:
     """One background thread that publishes checkpoints while training goes on.
 
-    `submit(names, state, then)` snapshots the state at once and returns that snapshot; the thread
-    writes it later, then calls `then()` (tracking logs the epoch's metrics there, so a metric is in
-    the run only once the state that produced it can be resumed: a resumed run never logs an epoch
-    twice). If the thread is still busy, a newer state for the same name replaces the waiting one
-    (only the newest `last` matters; the callbacks of both still run, after it). `call_after(fn)`
-    queues a callback behind the waiting writes. An error in the thread is raised by the next
-    `submit` or by `close`, naming what failed (`writing checkpoints/last.pt`, or the callback's `what`,
-    e.g. logging an epoch's metrics), so a full disk is never silent; callbacks behind a failed write
-    do not run."""
+    `submit(state, best, then)` snapshots the state at once and returns that snapshot; the thread
+    writes it later as `last.pt`, then calls `then()` (tracking logs the epoch's metrics there, so a
+    metric is in the run only once the state that produced it can be resumed: a resumed run never logs
+    an epoch twice). `best` says the state is the best so far.
 
-    def __init__(self, run_id: str, artifact_uri: str):
-        self.run_id, self.artifact_uri = run_id, artifact_uri
-        self.pending: dict[str, tuple] = {}  # name -> (snapshot, ready event)
-        self.callbacks: list = []            # run in order once the pending writes are published
+    No two identical weight files: `best.pt` exists only while the best state is not `last.pt`. When a
+    worse state is about to replace a `last.pt` that holds the best one, that file becomes `best.pt`
+    first (`keep_last_as_best`); when a new best is written as `last.pt`, `best.pt` goes. A kill at any
+    moment leaves a whole, resumable `last.pt` (and `fetch_best` reads the best from `last.pt` whenever its
+    best epoch is its epoch, whatever `best.pt` then holds).
+
+    If the thread is still busy, a newer state replaces the waiting one (only the newest `last` matters;
+    a best state replaced so is written as `best.pt` directly; the callbacks of both still run, after it).
+    `call_after(fn)` queues a callback behind the waiting writes. `on_written(sizes)` is called after each
+    write with the bytes of `last.pt` and `best.pt` (tracking records them on the run). An error in the
+    thread is raised by the next `submit` or by `close`, naming what failed (`writing checkpoints/last.pt`,
+    or the callback's `what`, e.g. logging an epoch's metrics), so a full disk is never silent; callbacks
+    behind a failed write do not run."""
+
+    def __init__(self, run_id: str, artifact_uri: str, last_is_best: bool = False, on_written=None):
+        self.run_id, self.artifact_uri, self.on_written = run_id, artifact_uri, on_written
+        self.last_is_best = last_is_best    # the published last.pt holds the best state (a resume knows)
+        self.pending_last = None            # (snapshot, ready event, best?) waiting to be written
+        self.pending_best = None            # (snapshot, ready event): a best state a newer one replaced
+        self.sizes = {"last": 0, "best": 0}  # bytes published, as far as this writer knows
+        self.callbacks: list = []           # run in order once the pending writes are published
         self.error: tuple[str, BaseException] | None = None  # (what was being done, its error)
         self.closing = False
         self.cond = threading.Condition()
@@ -241,7 +295,7 @@ class Writer:
         self.thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, names: list[str], state: dict, then=None) -> dict:
+    def submit(self, state: dict, best: bool, then=None) -> dict:
         self._raise()
         snap = snapshot(state)
         ready = None
@@ -249,8 +303,12 @@ class Writer:
             ready = torch.cuda.Event()
             ready.record()
         with self.cond:
-            for name in names:
-                self.pending[name] = (snap, ready)
+            waiting = self.pending_last
+            if best:
+                self.pending_best = None
+            elif waiting is not None and waiting[2]:
+                self.pending_best = waiting[:2]
+            self.pending_last = (snap, ready, best)
             if then is not None:
                 self.callbacks.append(then)
             self.cond.notify()
@@ -265,23 +323,33 @@ class Writer:
     def _loop(self):
         while True:
             with self.cond:
-                while not self.pending and not self.callbacks and not self.closing:
+                while self.pending_last is None and not self.callbacks and not self.closing:
                     self.cond.wait()
-                if not self.pending and not self.callbacks:
+                if self.pending_last is None and not self.callbacks:
                     return
-                work, self.pending = self.pending, {}
+                last, best, self.pending_last, self.pending_best = self.pending_last, self.pending_best, None, None
                 callbacks, self.callbacks = self.callbacks, []
-            # Names that share one snapshot are written from one serialization.
-            groups: dict[int, list[str]] = {}
-            for name, (snap, _) in work.items():
-                groups.setdefault(id(snap), []).append(name)
-            for names in groups.values():
-                if not self._attempt(f"writing {' and '.join(f'{FOLDER}/{n}.pt' for n in names)}",
-                                     lambda: publish(to_host(*work[names[0]]), names, self.run_id, self.artifact_uri)):
-                    return
+            if last is not None and not self._attempt(f"writing {FOLDER}/last.pt", lambda: self._write(last, best)):
+                return
             for fn in callbacks:
                 if not self._attempt(getattr(fn, "what", "a callback after a checkpoint"), fn):
                     return
+
+    def _write(self, last, best) -> None:
+        """Publish `last` as `last.pt`, keeping exactly one copy of the best state."""
+        snap, ready, is_best = last
+        run = (self.run_id, self.artifact_uri)
+        if best is not None:  # a best state that was never last.pt: its own file
+            self.sizes["best"] = publish(to_host(*best), "best", *run)
+        elif not is_best and self.last_is_best:  # last.pt holds the best: it stays, as best.pt
+            self.sizes["best"] = keep_last_as_best(*run)
+        self.sizes["last"] = publish(to_host(snap, ready), "last", *run)
+        if is_best:  # the new last.pt is the best: a best.pt would be an older, worse state
+            remove("best", *run)
+            self.sizes["best"] = 0
+        self.last_is_best = is_best
+        if self.on_written is not None:
+            self.on_written(dict(self.sizes))
 
     def _attempt(self, what: str, fn) -> bool:
         """Run `fn`; keep its error, with what was being done, for the training thread to raise."""

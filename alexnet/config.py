@@ -17,8 +17,8 @@ from pathlib import Path
 import tomli_w
 
 from alexnet import UsageError
+from alexnet.sizes import MIN_RESIZE
 
-MIN_RESIZE = 67  # the third 3x3/2 max-pool needs a 3 px map: (67-11)//4+1=15 -> 7 -> 3 -> 1
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
 MAX_VAL_SIZE = TRAIN_IMAGES // 2  # at least half the training images stay for training
 
@@ -55,7 +55,7 @@ class Config:
     num_workers: int = _f(4, "DataLoader worker processes of the book pipeline (the chapter's d2l.get_dataloader_workers(): 4)")
     # --- Tracking ---
     experiment: str = _f("alexnet-fashion-mnist", "MLflow experiment the run is logged to")
-    run_name: str = _f("", "MLflow run name; empty: derived from the config and the time")
+    run_name: str = _f("", "MLflow run name; empty: the experiment file's name, lr, resize and start time (smoke-lr0.1-r67-1129-041233)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -10,8 +10,11 @@ MLflow elsewhere, `--storage` (or `$ALEXNET_STORAGE`) points Optuna elsewhere.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from urllib.parse import parse_qsl
+
+from alexnet.redact import redact
 
 # A SQLite writer waits this long for another's lock before "database is locked": MLflow's store and
 # Optuna's storage alike (Python's default is 5 s; parallel workers hold the lock longer than that).
@@ -75,3 +78,16 @@ def default_storage() -> str:
 def where(uri: str) -> str:
     """A store's URI as people read it: without the SQLite timeout the project adds."""
     return uri.replace(f"?timeout={SQLITE_TIMEOUT_S}", "")
+
+
+announced = False  # reset by the CLI for each command
+
+
+def announce(experiment: str | None, uri: str | None = None) -> None:
+    """Say on stderr, once per command, which store and experiment it uses (passwords masked): with a
+    virtualenv installed from another clone, the store is that clone's unless ALEXNET_HOME says."""
+    global announced
+    if not announced:
+        announced = True
+        which = f"experiment {experiment!r}" if experiment else "all experiments"
+        print(f"alexnet: store {redact(where(uri or tracking_uri()))}, {which}", file=sys.stderr)

@@ -7,24 +7,10 @@ the first FC layer's input width changes: 256 * s * s, where s is the side of th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from alexnet import UsageError
-from alexnet.config import MIN_RESIZE
-
-
-def pooled_side(resize: int) -> int:
-    """Side of the last feature map (256 channels) for a square input of `resize` pixels."""
-    side = (resize - 11) // 4 + 1          # Conv2d(1, 96, 11, stride=4)
-    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the 5x5/pad 2 conv keeps the side
-    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the three 3x3/pad 1 convs keep it
-    return (side - 3) // 2 + 1             # MaxPool2d(3, 2)
-
-
-def flatten_width(resize: int) -> int:
-    if resize < MIN_RESIZE:
-        raise UsageError(f"model: resize = {resize} is too small for AlexNet (allowed: resize >= {MIN_RESIZE})")
-    return 256 * pooled_side(resize) ** 2
+from alexnet.sizes import flatten_width
 
 
 def alexnet(dropout: float = 0.5, resize: int = 224) -> nn.Sequential:
@@ -45,6 +31,26 @@ def alexnet(dropout: float = 0.5, resize: int = 224) -> nn.Sequential:
         nn.Dropout(p=dropout),
         nn.Linear(4096, 10),  # 10 Fashion-MNIST classes instead of ImageNet's 1000
     )
+
+
+class RawImages(nn.Module):
+    """The logged model: the network behind the run's own input pipeline, so it takes what a user has.
+    In: a batch of 28x28 Fashion-MNIST images, uint8 0-255 or float in [0, 1], B x 28 x 28 or
+    B x 1 x 28 x 28. Out: class scores, B x 10. Inside: `ToTensor`'s scaling, the channel dimension,
+    and the run's resize, bilinear with half-pixel centres as in `alexnet.data.resize_batch` (within
+    1/255 of the chapter's PIL `Resize`). Torch only: it loads where `alexnet` is not installed."""
+
+    def __init__(self, net: nn.Module, resize: int):
+        super().__init__()
+        self.net, self.resize = net, resize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.shape[-1] != self.resize or x.shape[-2] != self.resize:
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False, antialias=False)
+        return self.net(x)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import platform
 import re
 import sys
@@ -37,9 +38,23 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from alexnet import checkout, data, datafiles
 from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
 from alexnet.config import TEST_IMAGES, TRAIN_IMAGES, Config
-from alexnet.model import alexnet
+from alexnet.model import RawImages, alexnet
 from alexnet.redact import redact
 from alexnet.train import resolve_device, resolve_precision, speed_switches
+
+PACKAGE = Path(__file__).resolve().parent
+CHECKOUT = PACKAGE.parent
+
+
+class _PickleNotice(logging.Filter):
+    """MLflow warns, on every model it saves with pickle, that loading one runs code: this project pickles
+    its own model on purpose (see `log_model`), and the README says so once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_PickleNotice())
 
 PATCH = "code.patch"
 REQUIREMENTS = "requirements.lock.txt"
@@ -160,17 +175,48 @@ def log_record(run_id: str, rec: Record) -> None:
     client.log_inputs(run_id, datasets=rec.datasets)
 
 
+def description(cfg: Config, source: str | None) -> str:
+    """The run's description in MLflow's UI (the `mlflow.note.content` tag): what it trains, in a line."""
+    sizes = split_sizes(cfg)
+    held_out = f", {sizes['validation']:,} validation" if sizes["validation"] else ""
+    origin = f" From `{source}`." if source and source != "/dev/null" else ""
+    return (f"AlexNet on Fashion-MNIST: {cfg.epochs} epochs at resize {cfg.resize}, lr {cfg.lr:g}, batch "
+            f"{cfg.batch_size}, dropout {cfg.dropout:g}, seed {cfg.seed}; {sizes['train']:,} training{held_out} and "
+            f"{sizes['test']:,} test images ({cfg.pipeline} pipeline).{origin}")
+
+
+def outcome(error: BaseException | None, records: list) -> str:
+    """How the run ended, in a line for its description (`records`: this call's epochs)."""
+    last = records[-1] if records else None
+    reached = f" after epoch {last.epoch}" if last else " before its first epoch ended"
+    if error is None:
+        if last is None:
+            return "**Finished**: every epoch was already trained."
+        if last.val_acc is not None:
+            return (f"**Finished**: validation chose epoch {last.best_epoch} (val accuracy {last.best_val_acc:.4f}, "
+                    f"test accuracy there {last.test_acc_at_best_val:.4f}).")
+        return (f"**Finished**: test accuracy {last.test_acc:.4f} at its last epoch, best {last.best_test_acc:.4f} "
+                f"at epoch {last.best_epoch}.")
+    if getattr(error, "note", ""):  # a callback's own words (the sweep's pruner)
+        return error.note
+    if isinstance(error, KeyboardInterrupt):
+        return f"**Stopped** (interrupted){reached}; it resumes from its last checkpoint."
+    return f"**Failed**{reached}: {redact(str(error)).splitlines()[0][:500] if str(error) else type(error).__name__}."
+
+
 def log_model(run, cfg: Config, model_state: dict) -> str:
-    """Log `model_state` as the run's MLflow PyTorch model (`torch.export` format), with two real
-    test images as its input example and the signature they give. Returns the model's URI."""
+    """Log `model_state` as the run's MLflow PyTorch model, taking raw images (`alexnet.model.RawImages`:
+    uint8 or [0, 1] float, B x 28 x 28 or B x 1 x 28 x 28; the run's resize inside). Its input example is
+    four real test images as the files hold them (uint8 4 x 28 x 28), its signature what they give.
+    Returns the model's URI."""
     # MLflow writes the model to a temporary folder, then copies it into the store.
     nbytes = tensor_bytes(model_state)
     for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(run.info.artifact_uri)]):
         check_room(folder, nbytes, "the model")
-    model = alexnet(cfg.dropout, cfg.resize)
-    model.load_state_dict(model_state)
-    model.eval()
-    example = data.resize_batch(data.load(cfg.data_dir, train=False).data[:2], cfg.resize)  # batch 2: export keeps the batch dim free
+    net = alexnet(cfg.dropout, cfg.resize)
+    net.load_state_dict(model_state)
+    model = RawImages(net, cfg.resize).eval()
+    example = data.load(cfg.data_dir, train=False).data[:4]
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     # The logged model is made here, in the run's experiment: MLflow's own would go to its "active"
@@ -178,11 +224,15 @@ def log_model(run, cfg: Config, model_state: dict) -> str:
     logged = mlflow.MlflowClient().create_logged_model(
         run.info.experiment_id, name="model", source_run_id=run.info.run_id,
         params={k: redact(str(v)) for k, v in asdict(cfg).items()})
+    # Pickled, not `torch.export`ed: `mlflow.pytorch.load_model` then gives the eager module, which takes
+    # any batch size, uint8 or float, with or without the channel dimension (an exported graph is fixed to
+    # one input's dtype and rank). The `alexnet` package travels with the model (`code_paths`), so it
+    # loads where `alexnet` is not installed. MLflow's pyfunc checks inputs against the signature
+    # strictly: through it the model takes uint8 B x 28 x 28, the files' own format.
     # Explicit requirements: MLflow's inference of them loads the model in a subprocess (~18 s here).
-    # No serving-input check: it reloads the 187 MB model to predict the example again (~0.8 s a run),
-    # and on a GPU machine it loads onto CUDA, where MLflow refuses a model exported on the CPU.
+    # MLflow then reloads the saved model and predicts the example through pyfunc, as a server would.
     info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy(), signature=signature,
-                                    serialization_format="pt2", validate_serving_input=False,
+                                    serialization_format="pickle", code_paths=[str(PACKAGE)],
                                     run_id=run.info.run_id, model_id=logged.model_id,
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     return info.model_uri

@@ -1,11 +1,16 @@
 """Compare runs from the command line: a leaderboard from `mlflow.search_runs` (pandas), stale-run
-detection, and the learning curves of several runs in one figure.
+detection, the sweeps (studies) a store holds, and the learning curves of several runs in one figure.
 
 `alexnet runs` ranks by `val/best_acc` (column `val_best`), the best-so-far validation accuracy runs
 with a validation split log every epoch, when any selected run has one, else by `test/best_acc`
 (`best_acc`, the chapter's protocol): `search_runs` reports a metric's last value, so a best-so-far
 metric is what makes its last value the one to rank by. `test@val` is the test accuracy of the epoch
-validation chose: the figure to report, not to rank by.
+validation chose: the figure to report, not to rank by. Everything the board shows comes from that one query (disk use too: the `disk_bytes` tag
+the run keeps current), so it stays fast however many runs there are.
+
+Each run has a role (tag `sweep.role`): `run` (`alexnet train`), `parent` (a sweep's study), `trial` (one
+of its trials) or `confirm` (`alexnet confirm`'s re-runs). A sweep's board shows its trials; its confirm
+runs are a role of their own (`--role confirm`).
 """
 
 from __future__ import annotations
@@ -20,19 +25,32 @@ from alexnet.redact import redact
 # Leaderboard column -> search_runs column. Params arrive as strings; they are made numbers below.
 COLUMNS = {
     "run": "tags.mlflow.runName",
+    "role": "tags.sweep.role",
     "status": "status",
     "lr": "params.lr",
     "dropout": "params.dropout",
     "resize": "params.resize",
     "epochs": "params.epochs",
+    "train": "params.train_limit",
+    "test": "params.test_limit",
+    "val": "params.val_size",
+    "pipeline": "params.pipeline",
+    "seed": "params.seed",
     "val_best": "metrics.val/best_acc",
     "test@val": "metrics.test/acc_at_best_val",
     "best_acc": "metrics.test/best_acc",
     "final_acc": "metrics.test/acc",
     "examples_per_sec": "metrics.perf/examples_per_sec",
 }
-NUMERIC = ["lr", "dropout", "resize", "epochs", "val_best", "test@val", "best_acc", "final_acc", "examples_per_sec",
-           "duration_s"]
+NUMERIC = ["lr", "dropout", "resize", "epochs", "train", "test", "val", "seed", "val_best", "test@val", "best_acc",
+           "final_acc",
+           "examples_per_sec", "disk_bytes", "duration_s", "trial", "pruned_epoch"]
+HEADERS = {"examples_per_sec": "examples/s", "duration_s": "duration", "disk_bytes": "disk"}
+ASCENDING = ("duration_s", "disk_bytes")  # sorted smallest first; the other numbers best (largest) first
+DATA_SIZE = {"train": 60000, "test": 10000}  # a limit of 0 means the whole split
+WHERE_DIFFERENT = ["train", "test", "val", "pipeline", "seed"]  # shown only where the runs differ
+ROLES = ("run", "trial", "parent", "confirm")
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED")
 
 
 def _quoted(value: str, what: str) -> str:
@@ -41,12 +59,50 @@ def _quoted(value: str, what: str) -> str:
     return f"'{value}'"
 
 
+# --- Sweeps, as MLflow knows them (their parent runs) ---------------------------------------------
+
+def studies(experiment_id: str | None = None) -> dict:
+    """{study name: its parent run}, the newest parent of each name, in one experiment or all."""
+    kwargs = {"experiment_ids": [experiment_id]} if experiment_id else {"search_all_experiments": True}
+    parents = mlflow.search_runs(filter_string="tags.`sweep.role` = 'parent'", output_format="list",
+                                 order_by=["attributes.start_time ASC"], max_results=50000, **kwargs)
+    return {r.data.tags["sweep.study"]: r for r in parents if "sweep.study" in r.data.tags}
+
+
+def study_parent(name: str, command: str = "runs"):
+    """The study's parent run, or a UsageError naming the sweeps there are."""
+    known = studies()
+    if name not in known:
+        names = ", ".join(sorted(known)) or "none yet"
+        raise UsageError(f"{command}: no sweep {name!r} in {redact(where(tracking_uri()))} (sweeps: {names})")
+    return known[name]
+
+
+def study_objective(parent) -> tuple[str, str, list[str]]:
+    """(objective metric, direction, searched params) of a study, from its parent run's params."""
+    params = parent.data.params
+    direction, _, objective = params.get("objective", "maximize test/best_acc").partition(" ")
+    return objective, direction, [k.removeprefix("space.") for k in params if k.startswith("space.")]
+
+
+def top_trials(study: str, experiment_id: str, objective: str, direction: str, top: int) -> list:
+    """The study's best FINISHED trial runs, best first."""
+    order = f"metrics.`{objective}` {'DESC' if direction == 'maximize' else 'ASC'}"
+    found = mlflow.search_runs([experiment_id], f"tags.`sweep.study` = {_quoted(study, 'sweep')} and "
+                               "tags.`sweep.role` = 'trial' and attributes.status = 'FINISHED'",
+                               order_by=[order], max_results=top, output_format="list")
+    return [r for r in found if objective in r.data.metrics]
+
+
+# --- The leaderboard --------------------------------------------------------------------------------
+
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
     """The raw `search_runs` DataFrame of the selected runs (all experiments when a sweep or a parent
     run is named without an experiment: the sweep's runs live wherever its base experiment does)."""
     client = mlflow.MlflowClient()
     filters = []
     if sweep:
+        study_parent(sweep)
         filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
@@ -69,62 +125,126 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
     return df if len(df) else pd.DataFrame()
 
 
+def sort_key(sort: str) -> str:
+    """A column name as the board stores it, from its header's name too (`examples/s`, `duration`)."""
+    return {header: name for name, header in HEADERS.items()}.get(sort, sort)
+
+
 def leaderboard(experiment: str | None = None, sweep: str | None = None, parent: str | None = None,
-                status: str | None = None, sort: str | None = None, reverse: bool = False,
-                limit: int | None = None):
-    """One row per run: name, status (STALE for a RUNNING run whose process is gone), lr, dropout,
-    resize, epochs, best validation accuracy and the test accuracy at its epoch, best and final test
-    accuracy, examples/s (the book's count, last epoch), duration, run id; best first (`sort`: by
-    val_best where any run has it, else best_acc)."""
-    raw = search(experiment, sweep, parent)
-    columns = list(COLUMNS) + (["trial"] if sweep else []) + ["duration_s", "stale", "run_id", "resume"]
+                status: str | None = None, role: str | None = None, sort: str | None = None,
+                reverse: bool = False, limit: int | None = None):
+    """One row per run: name, role, status (STALE for a RUNNING run whose process is gone, PRUNED for a
+    pruned trial), lr, dropout, resize, epochs, data sizes, pipeline, seed, best and final test accuracy,
+    examples/s (the book's count, last epoch), trial, duration, disk use, run id; best first (`sort`: by
+    val_best where any run has it, else best_acc). A sweep's board holds its trials unless `role` says
+    otherwise. `board.attrs["selected"]`: rows before the status/role/limit filters."""
+    sort = sort_key(sort) if sort is not None else None
+    columns = list(COLUMNS) + ["trial", "duration_s", "disk_bytes", "run_id", "pruned_epoch", "stale", "resume"]
     if sort is not None and sort not in columns:
-        raise UsageError(f"runs: cannot sort by {sort!r} (columns: {', '.join(columns)})")
+        shown = [HEADERS.get(c, c) for c in columns if c not in ("stale", "resume", "pruned_epoch")]
+        raise UsageError(f"runs: cannot sort by {sort!r} (columns: {', '.join(shown)})")
+    raw = search(experiment, sweep, parent)
     if raw.empty:
-        return pd.DataFrame(columns=columns)
+        board = pd.DataFrame(columns=columns)
+        board.attrs["selected"] = 0
+        return board
     if sort is None:
         sort = "val_best" if raw.get(COLUMNS["val_best"], pd.Series(dtype=float)).notna().any() else "best_acc"
     board = pd.DataFrame({name: raw[col] if col in raw else None for name, col in COLUMNS.items()})
-    if sweep:
-        board["trial"] = pd.to_numeric(raw.get("tags.sweep.trial"), errors="coerce").astype("Int64")
+    tags = [{k[5:]: v for k, v in row.items() if isinstance(v, str)}
+            for row in raw[[c for c in raw if c.startswith("tags.")]].to_dict("records")]
+    board["role"] = [t.get("sweep.role") or ("trial" if "sweep.trial" in t else "run") for t in tags]
+    board["trial"] = [t.get("sweep.trial") or _confirmed_trial(t) for t in tags]
     start = pd.to_datetime(raw["start_time"], utc=True)
     end = pd.to_datetime(raw.get("end_time", pd.Series(pd.NaT, index=raw.index)), utc=True)
     end = end.where(raw["status"] != "RUNNING", pd.Timestamp.now(tz="UTC"))  # running: so far
     board["duration_s"] = (end - start).dt.total_seconds().round(1)
-    tags = [{k[5:]: v for k, v in row.items() if isinstance(v, str)}
-            for row in raw[[c for c in raw if c.startswith("tags.")]].to_dict("records")]
     board["stale"] = [store.stale_reason(s, t) or "" for s, t in zip(raw["status"], tags)]
     board.loc[board["stale"] != "", "status"] = "STALE"
+    board["pruned_epoch"] = [t.get("sweep.pruned_epoch") if t.get("sweep.state") == "PRUNED" else None for t in tags]
+    board.loc[board["pruned_epoch"].notna(), "status"] = "PRUNED"
+    board["disk_bytes"] = [t.get("disk_bytes") for t in tags]
     board["run_id"] = raw["run_id"]
     board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags)]
     for name in NUMERIC:
-        if name in board:
-            board[name] = pd.to_numeric(board[name], errors="coerce")
+        board[name] = pd.to_numeric(board[name], errors="coerce")
+    for name, whole in DATA_SIZE.items():
+        board[name] = board[name].where(board[name] != 0, whole)
+    for name in ("trial", "pruned_epoch"):
+        board[name] = board[name].astype("Int64")
+    board = board[columns]
+    board.attrs["selected"] = len(board)
+    if sweep and not role:
+        role = "trial"
+    if role:
+        board = board[board["role"] == role]
     if status:
         board = board[board["status"] == status.upper()]
     # Numbers best-first (accuracies, speeds), names A-Z; --reverse flips it. Missing values last.
-    descending = sort in NUMERIC and sort not in ("duration_s",)
+    descending = sort in NUMERIC and sort not in ASCENDING
     board = board.sort_values(sort, ascending=(not descending) != reverse, na_position="last", kind="stable")
     board = board.reset_index(drop=True)
     return board.head(limit) if limit else board
 
 
+def _confirmed_trial(tags: dict) -> str | None:
+    """The trial a confirm run re-trains ("trial 3", "baseline = trial 0" -> "3", "0")."""
+    confirm_of = tags.get("sweep.confirm_of", "")
+    return confirm_of.rsplit("trial ", 1)[1] if "trial " in confirm_of else None
+
+
+def megabytes(nbytes) -> str:
+    if nbytes != nbytes or nbytes is None:
+        return "-"
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:,.2f} GB"
+    return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.1f} MB"
+
+
 def format_table(board) -> str:
-    """The leaderboard as aligned text, for people."""
+    """The leaderboard as aligned text, for people: the data size, pipeline and seed only where the
+    rows differ, the trial only where there are trials, then the disk they use in all."""
     def duration(s):
         if s != s:
             return "-"
         s = int(s)
         return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    shown = board.drop(columns=["stale", "resume"]).copy()
-    formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "epochs": "{:.0f}", "val_best": "{:.4f}",
-               "test@val": "{:.4f}", "best_acc": "{:.4f}", "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}"}
+    def same(values) -> bool:  # a sweep's parent has no params: it differs in nothing
+        return values.nunique() <= 1
+
+    hidden = ["stale", "resume", "pruned_epoch"] + [c for c in WHERE_DIFFERENT if same(board[c])]
+    if board["trial"].isna().all():
+        hidden.append("trial")
+    if board["val_best"].isna().all():  # no run held a validation split out
+        hidden += ["val_best", "test@val"]
+    shown = board.drop(columns=hidden).copy()
+    formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "train": "{:,.0f}", "test": "{:,.0f}",
+               "val": "{:,.0f}", "seed": "{:.0f}", "val_best": "{:.4f}", "test@val": "{:.4f}", "best_acc": "{:.4f}",
+               "final_acc": "{:.4f}",
+               "examples_per_sec": "{:,.0f}", "pipeline": "{}"}
     for name, fmt in formats.items():
-        shown[name] = [fmt.format(v) if v == v and v is not None else "-" for v in shown[name]]
+        if name in shown:
+            shown[name] = [fmt.format(v) if v == v and v is not None else "-" for v in shown[name]]
+    # A pruned trial: the epoch it stopped at, of its epochs.
+    shown["epochs"] = [f"{p}/{e:.0f}" if p is not pd.NA and e == e else ("-" if e != e else f"{e:.0f}")
+                       for p, e in zip(board["pruned_epoch"], board["epochs"])]
+    if "trial" in shown:
+        shown["trial"] = ["-" if t is pd.NA else str(t) for t in shown["trial"]]
     shown["duration_s"] = [duration(v) for v in shown["duration_s"]]
-    shown = shown.rename(columns={"duration_s": "duration", "examples_per_sec": "examples/s"})
-    return shown.to_string(index=False)
+    shown["disk_bytes"] = [megabytes(v) for v in shown["disk_bytes"]]
+    shown = shown.rename(columns=HEADERS)
+    return shown.to_string(index=False) + "\n" + disk_total(board)
+
+
+def disk_total(board) -> str:
+    measured = board["disk_bytes"].dropna()
+    unmeasured = len(board) - len(measured)
+    why = "made before runs recorded their size; `alexnet gc --yes` measures them"
+    if measured.empty:
+        return f"disk: not recorded for these {unmeasured} runs ({why})"
+    return (f"disk: {megabytes(measured.sum())} in {len(measured)} run{'s' if len(measured) != 1 else ''}"
+            + (f" ({unmeasured} not recorded: {why})" if unmeasured else ""))
 
 
 def resume_command(run_id: str, tags: dict) -> str:
@@ -138,3 +258,18 @@ def resume_command(run_id: str, tags: dict) -> str:
 def stale_runs(board) -> list[tuple[str, str, str]]:
     """(run_id, reason, the command that resumes it) of the board's stale runs."""
     return [(r, why, cmd) for r, why, cmd in zip(board["run_id"], board["stale"], board["resume"]) if why]
+
+
+def empty_words(board, selection: dict) -> str:
+    """Why a leaderboard is empty, in words."""
+    experiment = selection.get("experiment") or store.DEFAULT_EXPERIMENT
+    where_ = (f"sweep {selection['sweep']!r}" if selection.get("sweep") else
+              f"the children of run {selection['parent']}" if selection.get("parent") else f"experiment {experiment!r}")
+    if not board.attrs.get("selected"):
+        return (f"no runs in {where_} yet" +
+                ("" if selection.get("sweep") or selection.get("parent") else
+                 ": train one with `alexnet train experiments/smoke.toml`"))
+    role = selection.get("role") or ("trial" if selection.get("sweep") else None)
+    filters = " and ".join(x for x in [f"--role {role}" if role else "", f"--status {selection['status'].upper()}"
+                                       if selection.get("status") else ""] if x)
+    return f"no runs match {filters} among the {board.attrs['selected']} runs of {where_}"

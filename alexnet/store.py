@@ -25,7 +25,7 @@ from filelock import FileLock
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from alexnet import UsageError
+from alexnet import UsageError, views
 from alexnet.home import artifacts_dir, is_local_default, mlruns_dir, tracking_uri, where, with_busy_timeout
 from alexnet.redact import first_line, redact
 
@@ -38,13 +38,12 @@ STALE_AFTER_S = 5 * 60       # a run on another host with no heartbeat for this 
 def quiet_mlflow() -> None:
     """MLflow's own chatter stays out of the user's way: the database-creation INFO lines, the
     system-metrics start/stop lines, the progress bars of artifact downloads (a resume's checkpoint),
-    and a tracking server's links to each run that ends."""
+    and, with a tracking server, the run's URL printed to stdout as each run ends (in the GenAI view;
+    the sweep's own lines say which runs ended, and `alexnet ui` prints the pages to open)."""
     for name in ("mlflow.store.db.utils", "mlflow.store.db", "alembic", "mlflow.system_metrics",
                  "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # On a tracking server MLflow prints "View run ... at: URL" for every run that ends: the sweep's own
-    # lines say which runs ended.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
@@ -112,7 +111,7 @@ def experiment_id(name: str, create: bool = True) -> str:
         raise UsageError(f"no experiment {name!r} in {redact(where(tracking_uri()))} (known: {known})")
     location = artifacts_dir().as_uri() if is_local_default(mlflow.get_tracking_uri()) else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=views.experiment_tags())
     except MlflowException as e:
         exp = client.get_experiment_by_name(name)  # another process may have created it first
         if exp is not None:

@@ -24,6 +24,7 @@ A run killed at any moment continues in the same MLflow run from its last checkp
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -36,21 +37,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking.context.registry import resolve_tags
 
-from alexnet import UsageError, checkpoint, data, plots, record, store
+from alexnet import UsageError, checkpoint, data, disk, plots, record, store
 from alexnet.config import Config, to_toml
 from alexnet.home import tracking_uri, where
 from alexnet.redact import first_line, redact, redact_tags
 from alexnet.store import CHECKPOINTS
 from alexnet.train import Diverged, check_device, train
 
+NOTE = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
+
 
 class StopRun(Exception):
-    """Raised by an `on_epoch` callback to end the run early with a given MLflow status and tags
-    (the sweep's pruning: status KILLED). `tracked_train` ends the run, then re-raises it."""
+    """Raised by an `on_epoch` callback to end the run early with a given MLflow status, tags and a line
+    for the run's description (the sweep's pruning: status KILLED, "Pruned at epoch 1 of 2 ...").
+    `tracked_train` ends the run, then re-raises it."""
 
-    def __init__(self, status: str, tags: dict[str, str] | None = None):
+    def __init__(self, status: str, tags: dict[str, str] | None = None, note: str = ""):
         super().__init__(status)
-        self.status, self.tags = status, dict(tags or {})
+        self.status, self.tags, self.note = status, dict(tags or {}), note
 
 
 @dataclass
@@ -73,12 +77,46 @@ def end_status(error: BaseException | None) -> tuple[str, dict[str, str]]:
     return "FAILED", {"failure_reason": type(error).__name__, "failure": redact(str(error))[:5000]}
 
 
+class SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system metrics (`system/...`), held back until `release()`: tracking releases them once
+    the run's first epoch is logged, objective first, so the objective is the run's first metric. MLflow's
+    compare page plots a run's first metric, which would otherwise be `system/cpu_utilization_percentage`
+    (sampled every 10 s, long before an epoch ends). Nothing is lost: held samples are logged on release."""
+
+    def __init__(self, run_id: str, resume_logging: bool):
+        super().__init__(run_id, resume_logging=resume_logging)
+        self.held, self.released = [], threading.Event()
+        if resume_logging:  # a resumed run has its metrics in order already
+            self.released.set()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def publish_metrics(self, metrics):
+        if not self.released.is_set():
+            self.held.append(metrics)
+            for monitor in self.monitors:
+                monitor.clear_metrics()
+            return
+        held, self.held = self.held, []
+        for sample in held + [metrics]:
+            super().publish_metrics(sample)
+
+    def finish(self):
+        super().finish()
+        held, self.held = self.held, []
+        for sample in held:  # the run ended before its first epoch was logged
+            super().publish_metrics(sample)
+        if held:
+            self.mlflow_logger.flush()
+
+
 @dataclass
 class Helpers:
     """The threads a run starts; `stop` ends them (the writer first: it still logs metrics) and returns
     what failed to stop, as tags."""
     writer: checkpoint.Writer | None = None
-    system_metrics: SystemMetricsMonitor | None = None
+    system_metrics: SystemMetrics | None = None
     heartbeat: Callable[[], None] | None = None
 
     def stop(self) -> dict[str, str]:
@@ -95,19 +133,25 @@ class Helpers:
         return problems
 
 
-def end_run(run_id: str | None, error: BaseException | None, helpers: Helpers, epochs: int) -> None:
-    """Stop the run's helpers, keep what can be kept, and end the run with `end_status(error)`. A
-    pruned or diverged run still gets its learning curves; an interrupted one ends at once."""
+def end_run(run_id: str | None, error: BaseException | None, helpers: Helpers, records: list, note: str) -> None:
+    """Stop the run's helpers, keep what can be kept, and end the run with `end_status(error)`, its
+    description (`note`) completed with how it ended. A pruned or diverged run still gets its learning
+    curves; an interrupted one ends at once. A FINISHED run then drops a `best.pt` its logged model
+    duplicates, and every run records the bytes it holds (`disk_bytes`)."""
     problems = helpers.stop()
     if run_id is None:
         return  # it was never created
     status, tags = end_status(error)
+    tags[NOTE] = f"{note}\n\n{record.outcome(error, records)}"
     client = mlflow.MlflowClient()
     try:
-        if epochs and isinstance(error, (StopRun, Diverged)):
+        if records and isinstance(error, (StopRun, Diverged)):
             plots.log_curves(run_id)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**problems, **tags}.items()], synchronous=True)
         client.set_terminated(run_id, status)
+        if status == "FINISHED":  # after the status: a kill in between leaves a finished run its best.pt
+            disk.drop_spare_best(client.get_run(run_id))
+        disk.measure(run_id)
     except Exception as e:
         if error is None:
             raise
@@ -129,15 +173,25 @@ def default_run_name(cfg: Config, source: str | None) -> str:
     return f"{stem}-lr{cfg.lr:g}-r{cfg.resize}-{time.strftime('%m%d-%H%M%S')}"
 
 
-def epoch_logger(run_id: str, rec):
-    """A function that logs `rec`'s metrics with `step=epoch` and the time the epoch ended."""
+def epoch_logger(run_id: str, rec, objective: str):
+    """A function that logs `rec`'s metrics with `step=epoch` and the time the epoch ended, the objective
+    first (MLflow's views list a run's metrics in the order they were first logged)."""
     ended = int(time.time() * 1000)
-    metrics = [Metric(key, value, ended, rec.epoch) for key, value in rec.metrics().items()]
+    values = rec.metrics()
+    metrics = [Metric(key, values[key], ended, rec.epoch) for key in sorted(values, key=lambda k: k != objective)]
 
     def log():
         mlflow.MlflowClient().log_batch(run_id, metrics=metrics, synchronous=True)
     log.what = f"logging epoch {rec.epoch}'s metrics"
     return log
+
+
+def disk_recorder(run_id: str):
+    """What the checkpoint writer calls after each write: the run's `disk_bytes` tag, from the bytes of
+    its checkpoints (all that is big while a run trains; its end measures everything)."""
+    def record_bytes(sizes: dict[str, int]) -> None:
+        mlflow.MlflowClient().set_tag(run_id, disk.TAG, str(sum(sizes.values())))
+    return record_bytes
 
 
 def resume_config(run_id: str) -> Config:
@@ -169,27 +223,34 @@ def resume_config(run_id: str) -> Config:
 
 def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None, on_epoch=None, progress: bool = True,
-                  resume_run_id: str | None = None, on_start=None) -> TrackedRun:
+                  resume_run_id: str | None = None, on_start=None, objective: str | None = None) -> TrackedRun:
     """`train(cfg)` inside one MLflow run. `on_start(run_id)` is called once the run exists;
     `on_epoch(record, run_id)` after each epoch, and may raise `StopRun`. The run ends FINISHED,
     KILLED or FAILED (see `end_status`); an exception that ended it is re-raised. `resume_run_id`:
-    continue that run from its last checkpoint (`cfg` must be the run's own, see `resume_config`)."""
+    continue that run from its last checkpoint (`cfg` must be the run's own, see `resume_config`).
+    `objective`: the metric logged first (default: `val/best_acc` with a validation split, else
+    `test/best_acc`, what the leaderboard ranks by). The run's description (`mlflow.note.content`) is the tag of
+    that name in `tags`, else one `record.description` writes; its end adds how it ended."""
     # --- Before the run exists: everything that can be checked ---
     preflight(cfg)
+    objective = objective or ("val/best_acc" if cfg.val_size else "test/best_acc")
     client = mlflow.MlflowClient()
     start, best_model = None, None
     if resume_run_id:
         if resume_config(resume_run_id) != cfg:
             raise UsageError(f"--resume: the config differs from run {resume_run_id}'s own: resume it with its config")
         start = checkpoint.fetch(resume_run_id, "last")
-        best = start if start["best_epoch"] == start["epoch"] else checkpoint.fetch(resume_run_id, "best")
+        best = checkpoint.fetch_best(resume_run_id, start)
         best_model = best["model"] if best is not None else None
-        resumes = int(client.get_run(resume_run_id).data.tags.get("resumes", 0)) + 1
-        start_tags = {**redact_tags(tags or {}), "resumes": str(resumes), "resumed_from_epoch": str(start["epoch"])}
+        old_tags = client.get_run(resume_run_id).data.tags
+        note = old_tags.get(NOTE, record.description(cfg, source)).split("\n\n")[0]  # without how it ended before
+        start_tags = {**redact_tags(tags or {}), "resumes": str(int(old_tags.get("resumes", 0)) + 1),
+                      "resumed_from_epoch": str(start["epoch"])}
     else:
         exp_id = store.experiment_id(cfg.experiment)
         origin = record.describe(cfg, source)
-        start_tags = resolve_tags({**origin.tags, **redact_tags(tags or {})})
+        note = (tags or {}).get(NOTE) or record.description(cfg, source)
+        start_tags = resolve_tags({**origin.tags, **redact_tags(tags or {}), NOTE: redact(note)})
 
     # --- The run: started inside the protection that ends it ---
     run_id, helpers, result = None, Helpers(), TrackedRun("")
@@ -205,25 +266,26 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
         if on_start is not None:
             on_start(run_id)
         helpers.heartbeat = store.start_heartbeat(run_id)  # writes this process's tags (host, pid) at once
-        helpers.system_metrics = SystemMetricsMonitor(run_id, resume_logging=bool(resume_run_id))
+        helpers.system_metrics = SystemMetrics(run_id, resume_logging=bool(resume_run_id))
         helpers.system_metrics.start()
         if not resume_run_id:
             client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in asdict(cfg).items()],
                              synchronous=True)
             client.log_text(run_id, to_toml(cfg), "config.toml")
             record.log_record(run_id, origin)
-        helpers.writer = checkpoint.Writer(run_id, run.info.artifact_uri)
+        helpers.writer = checkpoint.Writer(run_id, run.info.artifact_uri, on_written=disk_recorder(run_id),
+                                           last_is_best=start is not None and start["best_epoch"] == start["epoch"])
 
         for rec in train(cfg, start=start, progress=progress):
             improved = rec.best_epoch == rec.epoch
             # The epoch's metrics are logged by the writer once its checkpoint is published: a run
             # killed in between resumes from the previous epoch and logs this one then, once.
-            snap = helpers.writer.submit(["last", "best"] if improved else ["last"], rec.state(),
-                                         then=epoch_logger(run_id, rec))
+            snap = helpers.writer.submit(rec.state(), best=improved, then=epoch_logger(run_id, rec, objective))
             if improved:
                 best_model = snap["model"]
             result.records.append(rec)
             if len(result.records) == 1:
+                helpers.writer.call_after(helpers.system_metrics.release)
                 helpers.writer.call_after(record.warm_up_model_logging)
             if on_epoch is not None:
                 on_epoch(rec, run_id)
@@ -234,7 +296,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
             record.log_model(run, cfg, best_model)
         helpers.writer.close()  # raises what failed in the background, before the run is called FINISHED
     except BaseException as error:
-        end_run(run_id, error, helpers, len(result.records))
+        end_run(run_id, error, helpers, result.records, note)
         raise
-    end_run(run_id, None, helpers, len(result.records))
+    end_run(run_id, None, helpers, result.records, note)
     return result

@@ -113,7 +113,7 @@ def resolve_device(cfg: Config) -> torch.device:
         if (device.index or 0) >= count:
             raise UsageError(f"config: device = {cfg.device!r}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"config: device = 'mps', but this machine has no Apple GPU: use device = \"cpu\" or \"auto\"")
+        raise UsageError("config: device = 'mps', but this machine has no Apple GPU: use device = \"cpu\" or \"auto\"")
     return device
 
 

@@ -1,10 +1,12 @@
 """`alexnet ui`: the MLflow UI on the project's store, on 127.0.0.1 unless told otherwise.
 
-It starts `mlflow ui` (one worker) as a child process, waits until `/health` answers, prints the URL of
-the experiment's runs page, and stops the server on Ctrl-C. Binding beyond loopback needs an explicit
+It starts `mlflow ui` (one worker) as a child process, waits until `/health` answers, prints the URLs
+that open where a user looks (`alexnet/views.py`: the model-training view, best first, the params and
+accuracies as columns; a study's trials; the compare page of a study's top trials), optionally opens the
+first in a browser, and stops the server on Ctrl-C. Binding beyond loopback needs an explicit
 `--allowed-hosts`: MLflow refuses requests whose Host header it does not know, and a server on
 0.0.0.0 shows every run to the network. A tracking URI that is already a server needs no UI of ours:
-its URL is printed instead.
+the URLs on it are printed instead.
 """
 
 from __future__ import annotations
@@ -17,25 +19,56 @@ import sys
 import tempfile
 import time
 import urllib.request
+import webbrowser
 from pathlib import Path
-from urllib.parse import quote
 
+import mlflow
 
-from alexnet import UsageError, store
+from alexnet import UsageError, home, runs, store, views
 from alexnet.home import artifacts_dir, is_local_default, where
 from alexnet.redact import redact
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def runs_url(base: str, experiment_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) -> list[tuple[str, str]]:
+    """(what it shows, URL) of the pages to open, their views written on the experiment first. With
+    `sweep`: the study's trials and the compare page of its `top` best FINISHED trials; else the
+    experiment's runs and each of its studies' trials."""
+    client = mlflow.MlflowClient()
+    if sweep:
+        parent = runs.study_parent(sweep, "ui")
+        exp_id = parent.info.experiment_id
+        objective, direction, _ = runs.study_objective(parent)
+        best = runs.top_trials(sweep, exp_id, objective, direction, top)
+        if not best:
+            raise UsageError(f"ui: sweep {sweep!r} has no FINISHED trial to compare yet")
+        return [(f"sweep {sweep!r}: its trials, best {objective} first", sweep_page(base, client, sweep, parent)),
+                (f"sweep {sweep!r}: its top {len(best)} trials side by side",
+                 views.compare_url(base, [r.info.run_id for r in best], [exp_id]))]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return [(f"experiment {experiment!r} has no runs yet: the experiments", f"{base.rstrip('/')}/#/experiments")]
+    for key, value in views.experiment_tags().items():  # an experiment made before these tags gets them
+        if key != views.NOTE or key not in exp.tags:  # a description edited in the UI stays
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    found = [(f"experiment {experiment!r}: its runs, best test/best_acc first", views.runs_url(base, exp.experiment_id))]
+    for name, parent in runs.studies(exp.experiment_id).items():
+        found.append((f"sweep {name!r}: its trials", sweep_page(base, client, name, parent)))
+    return found
 
 
-def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str:
-    runs = quote("[" + ",".join(f'"{r}"' for r in run_ids) + "]")
-    exps = quote("[" + ",".join(f'"{e}"' for e in experiment_ids) + "]")
-    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
+def sweep_page(base: str, client, study: str, parent) -> str:
+    """The runs page of a study's trials, its view (the searched params, the objective) written first."""
+    objective, direction, space = runs.study_objective(parent)
+    for key, value in views.sweep_tags(study, space, objective, direction).items():
+        client.set_experiment_tag(parent.info.experiment_id, key, value)
+    return views.runs_url(base, parent.info.experiment_id, views.sweep_view_key(study))
+
+
+def print_links(found: list[tuple[str, str]]) -> None:
+    for what, url in found:
+        print(f"{what}:\n  {url}", flush=True)
 
 
 def check_port(host: str, port: int, what: str = "ui") -> None:
@@ -103,24 +136,35 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def serve(host: str, port: int, allowed_hosts: str | None, experiment: str) -> int:
-    """`alexnet ui`: start, print the runs page's URL, wait for Ctrl-C."""
+def serve(host: str, port: int, allowed_hosts: str | None, experiment: str, sweep: str | None = None,
+          top: int = 3, open_browser: bool = False) -> int:
+    """`alexnet ui`: start, print the pages' URLs (and open the first), wait for Ctrl-C."""
+    if top < 1:
+        raise UsageError(f"ui: --top must be >= 1, got {top}")
     uri = store.set_up_store()
-    # The project's own experiment is made if missing; any other must exist (a typo is one line, not a UI).
-    exp_id = store.experiment_id(experiment, create=experiment == store.DEFAULT_EXPERIMENT)
+    home.announce(None if sweep else experiment, uri)
+    if not sweep:  # the project's own experiment is made if missing; any other must exist (a typo is one line)
+        store.experiment_id(experiment, create=experiment == store.DEFAULT_EXPERIMENT)
     if uri.startswith(("http://", "https://")):
-        base = redact(uri)
-        print(runs_url(base, exp_id))
-        print(f"(runs are on the tracking server {base}: open it there, no local UI needed)", file=sys.stderr)
+        found = links(redact(uri), experiment, sweep, top)
+        print_links(found)
+        print(f"(runs are on the tracking server {redact(uri)}: open them there, no local UI needed)", file=sys.stderr)
+        if open_browser:
+            webbrowser.open(found[0][1])
         return 0
+    if sweep:
+        runs.study_parent(sweep, "ui")  # an unknown study is refused before the server starts
     artifact_root = artifacts_dir().as_uri() if is_local_default(uri) else None
     proc, base = start(uri, artifact_root, host, port, allowed_hosts)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` too stops the server (finally below)
     try:
         print(f"ui: starting the MLflow UI on {redact(where(uri))} ...", file=sys.stderr)
         wait_ready(proc, base)
-        print(runs_url(base, exp_id))
-        print(f"ui: experiment {experiment!r}; server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
+        found = links(base, experiment, sweep, top)
+        print_links(found)
+        print(f"ui: server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
+        if open_browser:
+            webbrowser.open(found[0][1])
         proc.wait()
         print(f"ui: mlflow ui exited ({proc.returncode}); log: {proc.log_path}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ def run_tracked(cfg, skip=()):
 
     saved = checkpoint.publish, checkpoint.to_host
     if "write" in skip:
-        checkpoint.publish = lambda state, names, run_id, artifact_uri: None
+        checkpoint.publish = lambda state, name, run_id, artifact_uri: 0
     if "host" in skip:
         checkpoint.to_host = lambda tree, ready=None: tree
     try:

@@ -130,6 +130,11 @@ def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixe
     pruned = children[3]
     assert pruned.data.tags["sweep.state"] == "PRUNED" and pruned.data.tags["sweep.pruned_epoch"] == "1"
     assert trials[3].intermediate_values == {1: 0.1}
+    # MLflow has no PRUNED state: the run says it was pruned, not that it failed.
+    assert pruned.data.tags["killed_reason"] == "pruned"
+    assert "**Pruned** by the sweep's median pruner at epoch 1 of 2" in pruned.data.tags["mlflow.note.content"]
+    assert "not a failure" in pruned.data.tags["mlflow.note.content"]
+    assert children[0].data.tags["mlflow.note.content"].startswith("Trial 0 of sweep 'mixed', the baseline")
     # Every trial records what a single run records.
     for r in children:
         assert float(r.data.params["lr"]) == trials[int(r.data.tags["sweep.trial"])].params["lr"]
@@ -139,8 +144,17 @@ def test_a_sweep_is_one_parent_run_with_one_child_per_trial_states_mirrored(mixe
     lines = mixed["result"].stderr
     for number, state in [(0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "PRUNED")]:
         assert f"trial   {number} {state}" in lines
-    assert "pruned at epoch 1" in lines and "diverged" in lines
-    assert f"best: trial {study.best_trial.number}" in mixed["result"].stdout
+    assert "pruned at epoch 1 of 2" in lines and "diverged" in lines
+    out = mixed["result"].stdout
+    assert f"best: trial {study.best_trial.number}" in out
+    assert "pruning: 1 of 4 trials stopped early, saving 1 of 8 epochs (12%)" in out
+    # Before it starts, the sweep names its store and says what a trial will write.
+    assert lines.startswith("alexnet: store sqlite:///") and "experiment 'alexnet-fashion-mnist'" in lines.splitlines()[0]
+    assert "disk: a trial writes up to 262 MB (87 MB each for last.pt, best.pt and the model: 21,598,922 parameters " \
+           "at resize 67); the top 1 keep 175 MB each" in lines
+    # The leaderboard shows the pruned trial as PRUNED, with the epoch it stopped at.
+    [row] = [line for line in out.splitlines() if "mixed-trial-3" in line]
+    assert "PRUNED" in row and " 1/2 " in row
 
 
 def test_a_diverging_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(mixed):
@@ -175,6 +189,9 @@ def test_the_parent_run_gets_best_params_trials_csv_and_plots(mixed):
     assert parent.data.tags["best.trial"] == str(best.number) and parent.data.tags["best.lr"] == str(best.params["lr"])
     assert parent.data.metrics["sweep/best_value"] == mixed["study"].best_value
     assert parent.data.metrics["sweep/finished_trials"] == 4
+    assert parent.data.metrics["sweep/epochs_saved_by_pruning"] == 1
+    assert parent.data.tags["mlflow.note.content"].startswith("Sweep 'mixed' (Optuna): maximize test/best_acc")
+    assert f"Best: trial {best.number}" in parent.data.tags["mlflow.note.content"]
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_params.json", "sweep.toml", "plots"} <= files
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
@@ -196,8 +213,38 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
     runs = sweep_runs(mixed["client"], "mixed")["confirm"]
     assert len(runs) == 4 and {r.data.tags["sweep.seed"] for r in runs} == {"1000", "1001"}
     assert all(r.data.tags["mlflow.parentRunId"] == mixed["parent"] for r in runs)
+    # A confirm run is there for its metric: its checkpoints and model are gone once it ends.
+    assert all(r.data.tags["checkpoints"] == "deleted" and not checkpoint_files(mixed["client"], r) for r in runs)
     parent = mixed["client"].get_run(mixed["parent"])
     assert parent.data.tags["confirm.verdict"] in out
+
+
+def test_a_trial_that_reaches_its_last_epoch_completes_and_is_never_pruned(tmp_path):
+    """1-epoch trials under a median pruner that may prune from the first finished trial on. The second
+    trial (lr 2: test accuracy 0.10 at epoch 1, below the first's) is below the median at its first
+    epoch, which is also its last: pruning it then would save nothing, so it completes."""
+    path = write_sweep(tmp_path, "last", """
+study = "last"
+n_trials = 2
+pruner = "median"
+pruner_startup_trials = 1
+pruner_warmup_epochs = 0
+enqueue_base = false
+[space]
+lr = { low = 0.001, high = 100.0, log = true }
+""", epochs=1)
+    client, storage = stores(tmp_path)
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    queued = optuna.create_study(study_name="last", storage=storage, direction="maximize")
+    for lr in (0.05, 2.0):
+        queued.enqueue_trial({"lr": lr})
+    result = sweep_cli(tmp_path, "sweep", path, "--quiet")
+    assert result.returncode == 0, result.stderr
+    trials = optuna.load_study(study_name="last", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[1].value < trials[0].value  # below the median: at any earlier epoch it would be pruned
+    assert [r.info.status for r in sweep_runs(client, "last")["trial"]] == ["FINISHED", "FINISHED"]
+    assert "pruning: 0 of 2 trials stopped early, saving 0 of 2 epochs (0%)" in result.stdout
 
 
 # --- Ctrl-C, then kill -9 of a worker, then the same command again ---
@@ -460,6 +507,20 @@ def test_objective_names_are_the_trainers_metrics():
     validated = EpochRecord(*[0] * 9, val_acc=0, best_val_acc=0, test_acc_at_best_val=0)
     assert list(OBJECTIVES) == list(validated.metrics())
     assert set(EpochRecord(*[0] * 9).metrics()) < set(OBJECTIVES)  # without a validation split, the chapter's keys
+
+
+def test_every_sweep_file_key_is_in_the_help_and_the_readme(tmp_path):
+    """`alexnet sweep --help` lists every key a sweep file takes, from `Sweep`'s documented fields; the
+    README's table of sweep-file keys has each of them too."""
+    from alexnet.sweep.spec import FILE_KEYS
+
+    result = sweep_cli(tmp_path, "sweep", "--help")
+    assert result.returncode == 0
+    helped = result.stdout.split("sweep-file keys (default, meaning):")[1]
+    readme = (ROOT / "README.md").read_text().split("### Sweep-file keys")[1].split("\n## ")[0]
+    for key in sorted(FILE_KEYS) + ["[space]", "[set]"]:
+        assert f"\n  {key} " in helped, key
+        assert f"| `{key}` |" in readme, key
 
 
 def test_the_shipped_sweep_files_load_and_select_on_a_validation_split():

@@ -9,10 +9,11 @@ import time
 from dataclasses import asdict
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
-from alexnet import UsageError, checkpoint, cli, disk, runs, store, tracking
+from alexnet import UsageError, checkpoint, cli, data, disk, runs, store, tracking
 from alexnet.home import tracking_uri
 from alexnet.config import Config, to_toml
 from alexnet.model import alexnet
@@ -73,33 +74,106 @@ def test_run_records_params_metrics_tags_config_and_curves(tracked):
     assert mlflow.artifacts.load_text(f"{got.info.artifact_uri}/config.toml") == to_toml(cfg)
     png = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="learning_curves.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # MLflow's views: the objective is the run's first metric (its compare page plots that one), and the
+    # run describes itself, how it ended included.
+    assert list(got.data.metrics)[0] == "test/best_acc"
+    note = tags["mlflow.note.content"]
+    assert note.startswith("AlexNet on Fashion-MNIST: 2 epochs at resize 67, lr 0.05") and "256 training" in note
+    assert f"**Finished**: test accuracy {run.records[-1].test_acc:.4f}" in note
+    # Its disk use is recorded on it, for the leaderboard: the bytes of its files as they are now.
+    assert int(tags["disk_bytes"]) == disk.run_disk_usage(run.run_id) > 2 * 10**7
 
 
 def test_checkpoints_and_model_read_back(tracked):
     cfg, run = tracked
-    last, best = checkpoint.fetch(run.run_id, "last"), checkpoint.fetch(run.run_id, "best")
+    client = mlflow.MlflowClient()
+    last = checkpoint.fetch(run.run_id, "last")
     final = run.records[-1]
-    assert last["epoch"] == 2 and last["config"] == asdict(cfg)
-    assert best["epoch"] == final.best_epoch == last["best_epoch"] and best["best_test_acc"] == final.best_test_acc
+    assert last["epoch"] == 2 and last["config"] == asdict(cfg) and last["best_epoch"] == final.best_epoch
     assert set(last) >= {"model", "optimizer", "epoch", "rng", "best_test_acc", "best_epoch", "config"}
-    # The logged model is the best epoch's, loadable with MLflow's own loader.
+    # A FINISHED run keeps last.pt and its model; no best.pt beside them (the model holds those weights).
+    assert [f.path for f in client.list_artifacts(run.run_id, "checkpoints")] == ["checkpoints/last.pt"]
     [logged] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.run_id}'", output_format="list",
                                           experiment_ids=[mlflow.get_run(run.run_id).info.experiment_id])
     loaded = mlflow.pytorch.load_model(logged.model_uri)
+    if final.best_epoch == final.epoch:  # the model is the best epoch's: here last.pt's weights
+        assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in last["model"].items())
+    else:
+        assert not all(torch.equal(loaded.net.state_dict()[k], v) for k, v in last["model"].items())
+
+    # It takes raw Fashion-MNIST images: uint8 or [0, 1] floats, with or without the channel dimension,
+    # and resizes them inside as training did.
+    images = data.load(cfg.data_dir, train=False).data[:5]
     reference = alexnet(cfg.dropout, cfg.resize).eval()
-    reference.load_state_dict(best["model"])
-    x = torch.rand(3, 1, cfg.resize, cfg.resize)
+    reference.load_state_dict(loaded.net.state_dict())
     with torch.no_grad():
-        assert torch.allclose(loaded(x), reference(x), atol=1e-5)
+        expected = reference(data.resize_batch(images, cfg.resize))
+        for x in (images, images.float() / 255, (images.float() / 255).unsqueeze(1), images.unsqueeze(1)):
+            assert torch.allclose(loaded(x), expected, atol=1e-5)
+    # Through MLflow's pyfunc, as a server would: the signature is the files' own format, uint8 Bx28x28.
     info = mlflow.models.get_model_info(logged.model_uri)
-    assert info.signature is not None and info.saved_input_example_info is not None
-    pyfunc = mlflow.pyfunc.load_model(logged.model_uri, model_config={"device": "cpu"})  # as on a GPU machine
-    assert pyfunc.predict(x.numpy()).shape == (3, 10)
-    # The saved input example predicts (MLflow's own check, which logging skips to save a reload).
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "uint8", "shape": (-1, 28, 28)}
+    pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+    assert np.allclose(pyfunc.predict(images.numpy()), expected.numpy(), atol=1e-5)
     local = mlflow.artifacts.download_artifacts(logged.model_uri)
     example = mlflow.models.Model.load(local).load_input_example(local)
-    assert example.shape == (2, 1, cfg.resize, cfg.resize)
-    assert pyfunc.predict(example).shape == (2, 10)
+    assert example.dtype == np.uint8 and example.shape == (4, 28, 28)
+    assert np.array_equal(example, data.load(cfg.data_dir, train=False).data[:4].numpy())  # real test images
+    assert pyfunc.predict(example).shape == (4, 10)
+
+
+def test_the_logged_model_loads_where_alexnet_is_not_installed(tracked, tmp_path):
+    """A fresh process in another folder, with no `alexnet` to import: the model brings its own code. (The
+    virtualenv has this checkout installed in editable mode: its finder is taken out first, as if the
+    package were not installed.)"""
+    cfg, run = tracked
+    script = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import mlflow, torch
+assert "alexnet" not in sys.modules
+try:
+    import alexnet
+    raise SystemExit("alexnet is importable here: the test proves nothing")
+except ImportError:
+    pass
+mlflow.set_tracking_uri({tracking_uri()!r})
+model = mlflow.pytorch.load_model("runs:/{run.run_id}/model")
+x = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+with torch.no_grad():
+    print(type(model).__name__, tuple(model(x).shape), model.resize)
+print("/code/alexnet/" in sys.modules["alexnet"].__file__)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["RawImages", "(3,", "10)", str(cfg.resize), "True"]
+
+
+def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path):
+    """The README's "Load the model" snippet, as it stands there, run in a fresh process from the project
+    folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
+    the `~/.cache/alexnet` the snippet reads the test images from: this machine's cache."""
+    from alexnet import datafiles
+
+    cfg, run = tracked
+    snippet = (ROOT / "README.md").read_text().split("### Load the model")[1].split("```python\n")[1].split("```")[0]
+    fake_home = tmp_path / "user"
+    (fake_home / ".cache").mkdir(parents=True)
+    (fake_home / ".cache" / "alexnet").symlink_to(datafiles.cache_dir())
+    prelude = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+               f"RUN_ID = {run.run_id!r}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI") and not k.startswith("ALEXNET_")}
+    result = subprocess.run([sys.executable, "-c", prelude + snippet], cwd=os.environ["ALEXNET_HOME"], capture_output=True,
+                            text=True, timeout=300, env={**env, "HOME": str(fake_home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted, true = (json.loads(line.split(":", 1)[1]) for line in result.stdout.splitlines())
+    test = data.load(cfg.data_dir, train=False)
+    model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+    with torch.no_grad():
+        assert predicted == model(test.data[:8]).argmax(1).tolist()
+    assert true == test.targets[:8].tolist() == [9, 2, 1, 1, 6, 1, 4, 6]
 
 
 def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
@@ -107,12 +181,12 @@ def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
     client = mlflow.MlflowClient()
     before = disk.run_disk_usage(run.run_id)
     ckpt_bytes = sum(f.file_size for f in client.list_artifacts(run.run_id, "checkpoints"))
-    assert ckpt_bytes > 2 * 10**7 and before > ckpt_bytes  # two ~86 MB files, plus the model and the rest
+    assert ckpt_bytes > 2 * 10**7 and before > 2 * ckpt_bytes  # last.pt (~87 MB), the model as big, the rest
     freed = disk.delete_checkpoints(run.run_id)
     after = disk.run_disk_usage(run.run_id)
     assert freed > ckpt_bytes and before - after == freed
     got = client.get_run(run.run_id)
-    assert got.data.tags["checkpoints"] == "deleted"
+    assert got.data.tags["checkpoints"] == "deleted" and int(got.data.tags["disk_bytes"]) == after
     assert got.data.params["lr"] == str(cfg.lr) and got.data.metrics["test/best_acc"] == run.records[-1].best_test_acc
     record = {"config.toml", "requirements.lock.txt"} | ({"code.patch"} if got.data.tags["git.dirty"] == "true" else set())
     assert {f.path for f in client.list_artifacts(run.run_id)} == record | {"learning_curves.png"}
@@ -140,46 +214,100 @@ def test_a_damaged_checkpoint_is_refused(tmp_path):
 
 
 def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path):
-    """Runs shaped like a sweep's (a parent and its tagged trials) plus one plain run."""
+    """Runs shaped like a sweep's (a parent, its tagged trials, one pruned, two confirm runs) plus one
+    plain run on other data: roles, the columns that differ, sorting by the header's names, and every
+    empty result said in words."""
     store.set_up_store()
     exp = store.experiment_id(store.DEFAULT_EXPERIMENT)
     client = mlflow.MlflowClient()
     parent = client.create_run(exp, run_name="study-parent", tags={"sweep.study": "s1", "sweep.role": "parent"})
+    client.log_param(parent.info.run_id, "objective", "maximize test/best_acc")
     children = {}
-    for trial, (lr, accs) in enumerate([(0.01, [0.3, 0.5]), (0.1, [0.6, 0.7]), (0.05, [0.2, 0.1])]):
+    for trial, (lr, accs) in enumerate([(0.01, [0.3, 0.5]), (0.1, [0.6, 0.7]), (0.05, [0.2, 0.1]), (2.0, [0.1])]):
         r = client.create_run(exp, run_name=f"s1-trial-{trial}", tags={
-            "sweep.study": "s1", "sweep.trial": str(trial), "mlflow.parentRunId": parent.info.run_id})
-        client.log_param(r.info.run_id, "lr", str(lr))
+            "sweep.study": "s1", "sweep.trial": str(trial), "sweep.role": "trial", "mlflow.parentRunId": parent.info.run_id,
+            "disk_bytes": str(170 * 10**6)})
+        for k, v in {"lr": lr, "epochs": 2, "train_limit": 256, "seed": 0, "pipeline": "fast"}.items():
+            client.log_param(r.info.run_id, k, str(v))
         for epoch, acc in enumerate(accs, 1):
             client.log_metric(r.info.run_id, "test/acc", acc, step=epoch)
             client.log_metric(r.info.run_id, "test/best_acc", max(accs[:epoch]), step=epoch)
             client.log_metric(r.info.run_id, "train/loss", 2 - acc, step=epoch)
-        client.set_terminated(r.info.run_id, "FINISHED")
+            client.log_metric(r.info.run_id, "perf/examples_per_sec", 100 * (trial + 1), step=epoch)
+        if trial == 3:  # pruned at epoch 1 of 2
+            client.set_tag(r.info.run_id, "sweep.state", "PRUNED")
+            client.set_tag(r.info.run_id, "sweep.pruned_epoch", "1")
+        client.set_terminated(r.info.run_id, "KILLED" if trial == 3 else "FINISHED")
         children[trial] = r.info.run_id
+    for seed in (1000, 1001):
+        r = client.create_run(exp, run_name=f"s1-confirm-trial1-seed{seed}", tags={
+            "sweep.study": "s1", "sweep.role": "confirm", "sweep.confirm_of": "trial 1", "sweep.seed": str(seed),
+            "mlflow.parentRunId": parent.info.run_id})
+        client.log_param(r.info.run_id, "seed", str(seed))
+        client.log_metric(r.info.run_id, "test/best_acc", 0.65, step=2)
+        client.set_terminated(r.info.run_id, "FINISHED")
     other = client.create_run(exp, run_name="plain")
+    for k, v in {"lr": 0.1, "epochs": 2, "train_limit": 0, "seed": 0, "pipeline": "book"}.items():
+        client.log_param(other.info.run_id, k, str(v))
     client.set_terminated(other.info.run_id, "FINISHED")
     client.set_terminated(parent.info.run_id, "FINISHED")
 
-    board = runs.leaderboard(sweep="s1")
-    assert list(board["trial"]) == [1, 0, 2] and list(board["best_acc"]) == [0.7, 0.5, 0.2]
-    assert list(board["final_acc"]) == [0.7, 0.5, 0.1] and list(board["lr"]) == [0.1, 0.01, 0.05]
-    assert list(runs.leaderboard(parent=parent.info.run_id)["run_id"]) == [children[1], children[0], children[2]]
-    assert len(runs.leaderboard()) == 5  # the default experiment: parent, trials, plain run
-    assert list(runs.leaderboard(sweep="s1", sort="lr", reverse=True)["lr"]) == [0.01, 0.05, 0.1]
+    board = runs.leaderboard(sweep="s1")  # the trials; the confirm runs are a role of their own
+    assert list(board["trial"]) == [1, 0, 2, 3] and list(board["best_acc"]) == [0.7, 0.5, 0.2, 0.1]
+    assert list(board["final_acc"]) == [0.7, 0.5, 0.1, 0.1] and list(board["lr"]) == [0.1, 0.01, 0.05, 2.0]
+    assert list(board["status"]) == ["FINISHED", "FINISHED", "FINISHED", "PRUNED"]
+    confirm = runs.leaderboard(sweep="s1", role="confirm")
+    assert list(confirm["role"]) == ["confirm"] * 2 and list(confirm["trial"]) == [1, 1]
+    assert list(runs.leaderboard(parent=parent.info.run_id, role="trial")["run_id"]) == [children[i] for i in (1, 0, 2, 3)]
+    assert len(runs.leaderboard()) == 8  # the default experiment: parent, trials, confirm runs, plain run
+    assert list(runs.leaderboard(sweep="s1", sort="lr", reverse=True)["lr"]) == [0.01, 0.05, 0.1, 2.0]
+    assert list(runs.leaderboard(role="run")["run"]) == ["plain"]
+    assert list(runs.leaderboard(role="run")["train"]) == [60000]  # train_limit 0: the whole split
 
     plot = tmp_path / "curves.png"
     assert cli.main(["runs", "--sweep", "s1", "--json", "--plot", str(plot)]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["run"] for r in rows] == ["s1-trial-1", "s1-trial-0", "s1-trial-2"]
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
+    assert [r["run"] for r in rows] == ["s1-trial-1", "s1-trial-0", "s1-trial-2", "s1-trial-3"]
+    assert "and 2 confirm runs of this sweep: alexnet runs --sweep s1 --role confirm" in out.err
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["runs", "--sweep", "s1", "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith(
-        "run,status,lr,dropout,resize,epochs,val_best,test@val,best_acc,final_acc")
-    assert cli.main(["runs", "--status", "finished", "--limit", "2"]) == 0
+    csv_header = capsys.readouterr().out.splitlines()[0]
+    assert csv_header.startswith("run,role,status,lr,dropout,resize,epochs,train,test")
+    assert ",val_best,test@val,best_acc,final_acc," in csv_header
+
+    # The table: the pruned trial with its epoch; the data size and pipeline only where the runs differ;
+    # each run's disk use and the total.
+    assert cli.main(["runs", "--sweep", "s1"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 3 and "s1-trial-1" in table[1] and "0.7000" in table[1]
+    header = table[0].split()
+    assert header[:5] == ["run", "role", "status", "lr", "dropout"] and "disk" in header and "trial" in header
+    assert "train" not in header and "pipeline" not in header  # the same for every trial
+    assert "PRUNED" in table[4] and " 1/2 " in table[4] and "170 MB" in table[1]
+    assert table[-1] == "disk: 680 MB in 4 runs"
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr()
+    assert {"train", "pipeline", "seed"} <= set(out.out.splitlines()[0].split())  # they differ here
+    assert "alexnet: store sqlite:///" in out.err and "experiment 'alexnet-fashion-mnist'" in out.err
+
+    # --sort takes the header's own names.
+    assert cli.main(["runs", "--sweep", "s1", "--sort", "examples/s", "--json"]) == 0
+    assert [r["trial"] for r in json.loads(capsys.readouterr().out)] == [3, 2, 1, 0]
+    assert cli.main(["runs", "--status", "finished", "--role", "trial", "--limit", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and "s1-trial-1" in table[1] and "0.7000" in table[1]
+
+    # Unknown names and empty results: in words.
     assert cli.main(["runs", "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+    assert cli.main(["runs", "--sweep", "nosuch"]) == 2
+    assert "runs: no sweep 'nosuch'" in (err := capsys.readouterr().err) and "(sweeps: s1)" in err
+    assert cli.main(["runs", "--sort", "speed"]) == 2
+    assert "examples/s" in capsys.readouterr().err
+    assert cli.main(["runs", "--status", "failed"]) == 0
+    assert "no runs match --status FAILED among the 8 runs of experiment 'alexnet-fashion-mnist'" in capsys.readouterr().err
+    assert cli.main(["runs", "--kill-stale"]) == 0
+    assert "no stale runs: no run is RUNNING among the 8 selected" in capsys.readouterr().err
 
     # A RUNNING run whose process is gone shows as STALE; --kill-stale ends it KILLED.
     dead = subprocess.Popen(["true"])  # a pid that has just ended
@@ -191,6 +319,22 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path
     assert f"marked run {stale.info.run_id} KILLED" in capsys.readouterr().err
     got = client.get_run(stale.info.run_id)
     assert got.info.status == "KILLED" and "gone" in got.data.tags["killed_reason"]
+
+
+def test_leaderboard_of_an_empty_store_says_so(home, capsys):
+    assert cli.main(["runs"]) == 0
+    assert "no runs in experiment 'alexnet-fashion-mnist' yet: train one with" in capsys.readouterr().err
+
+
+def test_an_empty_run_name_is_derived_from_the_file_lr_resize_and_start_time():
+    import re
+
+    from alexnet.config import FIELDS
+
+    assert re.fullmatch(r"smoke-lr0\.1-r67-\d{4}-\d{6}", tracking.default_run_name(Config(lr=0.1, resize=67),
+                                                                                     "experiments/smoke.toml"))
+    assert tracking.default_run_name(Config(), None).startswith("run-lr0.01-r224-")
+    assert "experiment file's name, lr, resize and start time" in FIELDS["run_name"].metadata["help"]
 
 
 def test_stale_rules():
@@ -239,7 +383,7 @@ def test_writer_raises_a_failed_write(tmp_path):
     blocker = tmp_path / "artifacts"
     blocker.write_text("a file where the run's artifact folder should be")
     writer = checkpoint.Writer("r", blocker.as_uri())
-    writer.submit(["last"], {"w": torch.zeros(3)})
+    writer.submit({"w": torch.zeros(3)}, best=True)
     with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
     assert blocker.read_text().startswith("a file")
@@ -314,16 +458,17 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     events, gate = [], threading.Event()
     publish = checkpoint.publish
 
-    def slow_publish(state, names, run_id, artifact_uri):
+    def slow_publish(state, name, run_id, artifact_uri):
         gate.wait(30)  # the first write blocks until the test has queued epochs 2 and 3 behind it
-        publish(state, names, run_id, artifact_uri)
+        nbytes = publish(state, name, run_id, artifact_uri)
         events.append(("published", int(state["epoch"])))
+        return nbytes
 
     monkeypatch.setattr(checkpoint, "publish", slow_publish)
     folder = tmp_path / "artifacts"
     writer = checkpoint.Writer("r", folder.as_uri())
     for epoch in (1, 2, 3):
-        writer.submit(["last"], {"epoch": torch.tensor(epoch)}, then=lambda e=epoch: events.append(("logged", e)))
+        writer.submit({"epoch": torch.tensor(epoch)}, best=True, then=lambda e=epoch: events.append(("logged", e)))
         if epoch == 1:
             time.sleep(0.2)  # the thread takes epoch 1; 2 and 3 wait, and 3 replaces 2
     writer.call_after(lambda: events.append(("after", 0)))
@@ -338,7 +483,47 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     gate.set()
     events.clear()
     writer = checkpoint.Writer("r", blocker.as_uri())
-    writer.submit(["last"], {"epoch": torch.tensor(1)}, then=lambda: events.append(("logged", 1)))
+    writer.submit({"epoch": torch.tensor(1)}, best=True, then=lambda: events.append(("logged", 1)))
     with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
     assert events == []  # no metric for a state that could not be saved
+
+
+def test_best_pt_exists_only_while_the_best_state_is_not_last_pt(tmp_path, monkeypatch):
+    """No two identical weight files: a best state is `last.pt` until a worse one comes; then the old
+    `last.pt` becomes `best.pt` (a hard link: no copy), and a new best removes it. A best state that a
+    worse one replaced while it waited to be written is written as `best.pt` itself."""
+    import threading
+
+    folder = tmp_path / "artifacts"
+    ckpts = folder / "checkpoints"
+    sizes = []
+    writer = checkpoint.Writer("r", folder.as_uri(), on_written=sizes.append)
+
+    def step(epoch, best):
+        done = threading.Event()
+        writer.submit({"epoch": torch.tensor(epoch), "w": torch.full((1000,), float(epoch))}, best=best, then=done.set)
+        assert done.wait(30)
+        return {p.name: int(checkpoint.load(p)["epoch"]) for p in ckpts.glob("*.pt")}
+
+    assert step(1, best=True) == {"last.pt": 1}
+    inode = (ckpts / "last.pt").stat().st_ino
+    assert step(2, best=False) == {"last.pt": 2, "best.pt": 1}
+    assert (ckpts / "best.pt").stat().st_ino == inode  # the very file that was last.pt: linked, not copied
+    assert step(3, best=False) == {"last.pt": 3, "best.pt": 1}
+    assert step(4, best=True) == {"last.pt": 4}
+    assert sizes[-1] == {"last": (ckpts / "last.pt").stat().st_size, "best": 0}
+    assert sizes[1]["best"] == sizes[1]["last"] > 4000  # epoch 2: two files on the run (one inode locally)
+
+    # Epoch 5 (worse) is being written slowly; epoch 6 (a new best) waits behind it, and epoch 7 (worse)
+    # replaces it before it is written: epoch 6 still becomes best.pt.
+    gate, publish = threading.Event(), checkpoint.publish
+    monkeypatch.setattr(checkpoint, "publish", lambda *a: gate.wait(30) and publish(*a))
+    writer.submit({"epoch": torch.tensor(5), "w": torch.zeros(3)}, best=False)
+    time.sleep(0.2)  # the thread takes epoch 5 and waits at the gate
+    writer.submit({"epoch": torch.tensor(6), "w": torch.zeros(3)}, best=True)
+    writer.submit({"epoch": torch.tensor(7), "w": torch.zeros(3)}, best=False)
+    gate.set()
+    writer.close()
+    assert {p.name: int(checkpoint.load(p)["epoch"]) for p in ckpts.glob("*.pt")} == {"last.pt": 7, "best.pt": 6}
+    assert not list(ckpts.glob(".*"))  # no temporary file left

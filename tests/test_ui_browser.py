@@ -1,21 +1,28 @@
-"""`alexnet ui`'s server on a temp store with two real tiny runs, opened in headless Chromium (Debian's
-/usr/bin/chromium driven by Playwright): the runs page and the compare page show the runs' names,
-params and metrics, and the runs page and a run's page show the Fashion-MNIST dataset inputs. Screenshots go to tests/artifacts/ (git-ignored)."""
+"""`alexnet ui --open --sweep STUDY` on a temp store holding a real tiny sweep (a parent run as the sweep
+makes it, two trained trials) and a plain run, and the URLs `alexnet ui` prints opened in headless
+Chromium (Debian's /usr/bin/chromium driven by Playwright). What the pages show is checked: the
+model-training view, not GenAI's; sorted by the objective, best first; the params and accuracies as
+columns; a sweep's trials as rows of their own; the compare page plotting the objective. Screenshots go
+to tests/artifacts/ (git-ignored)."""
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
-from alexnet import home as project, store, tracking, ui
+from alexnet import cli, store, tracking, ui
 from alexnet.config import Config
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "tests" / "artifacts"
 TINY = dict(resize=67, epochs=1, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
-RUNS = {"ui-lr-0.05": 0.05, "ui-lr-0.2": 0.2}
+RUNS = {"uis-trial-0": 0.05, "uis-trial-1": 0.2, "plain": 0.1}
+GENAI_ONLY = ["Training runs", "Evaluation runs", "Judges", "Sessions"]  # the GenAI view's side bar
 
 
 def free_port() -> int:
@@ -29,20 +36,54 @@ def shown(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-@pytest.fixture
-def server(home):
-    """Two real tiny runs in a temp store, and the MLflow UI serving them."""
-    for name, lr in RUNS.items():
-        tracking.tracked_train(Config(**TINY, lr=lr, run_name=name), progress=False)
-    uri = project.tracking_uri()
-    proc, base = ui.start(uri, project.artifacts_dir().as_uri(), port=free_port(),
-                          log_path=home / "ui.log")
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A sweep's runs as `alexnet sweep` leaves them in MLflow (a parent with the study's params, two
+    trained child trials) and a plain run; then `alexnet ui --open --sweep uis --top 2`, running: the
+    URLs it printed, the one it opened (the "browser" is a script that writes its URL down), its base."""
+    home = tmp_path_factory.mktemp("ui")
+    saved = {k: os.environ.get(k) for k in ("ALEXNET_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["ALEXNET_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    proc = None
     try:
-        ui.wait_ready(proc, base, timeout=180)
-        yield base
+        store.set_up_store()
+        client = mlflow.MlflowClient()
+        exp = store.experiment_id(store.DEFAULT_EXPERIMENT)
+        parent = client.create_run(exp, run_name="uis", tags={"sweep.study": "uis", "sweep.role": "parent"})
+        for k, v in {"objective": "maximize test/best_acc", "space.lr": "lr log-uniform [0.01, 0.5]",
+                     "keep_top": "2"}.items():
+            client.log_param(parent.info.run_id, k, v)
+        for name, lr in RUNS.items():
+            tags = {"sweep.study": "uis", "sweep.role": "trial", "sweep.trial": name[-1]} if "trial" in name else {}
+            tracking.tracked_train(Config(**TINY, lr=lr, run_name=name), progress=False, tags=tags,
+                                   parent_run_id=parent.info.run_id if tags else None)
+        client.set_terminated(parent.info.run_id, "FINISHED")
+        browser = home / "browser.sh"
+        browser.write_text(f'#!/bin/sh\necho "$1" >> {home / "opened.txt"}\n')
+        browser.chmod(0o755)
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "alexnet", "ui", "--open", "--port", str(port), "--sweep", "uis",
+                                 "--top", "2"], cwd=ROOT, env={**os.environ, "BROWSER": f"{browser} %s",
+                                                              "TMPDIR": str(home)},  # its server's log goes there
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        printed = [proc.stdout.readline() for _ in range(4)]  # two pages: what each shows, then its URL
+        wait_for(lambda: (home / "opened.txt").exists() or proc.poll() is not None, 60, "the UI to open its page")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        yield {"exp": exp, "printed": printed, "urls": [line.strip() for line in printed if line.startswith("  http")],
+               "opened": (home / "opened.txt").read_text().split(), "base": f"http://127.0.0.1:{port}",
+               "runs": {r.info.run_name: r for r in client.search_runs([exp])}, "proc": proc}
     finally:
-        ui.stop(proc)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # SIGTERM: `alexnet ui` stops its server (its own session) before it exits
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture
@@ -55,7 +96,7 @@ def page():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1800, "height": 700})
+        page = browser.new_page(viewport={"width": 2600, "height": 800})  # the table renders visible columns only
         page.set_default_timeout(60_000)
         try:
             yield page
@@ -63,41 +104,103 @@ def page():
             browser.close()
 
 
-def test_runs_and_compare_pages_show_names_params_and_metrics(server, page):
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
-    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(found) == set(RUNS)
-    SHOTS.mkdir(exist_ok=True)
-
-    # Runs page: show the lr and dropout params and the accuracy metrics as columns.
-    page.goto(ui.runs_url(server, exp.experiment_id))
-    for name in RUNS:
-        page.get_by_text(name, exact=True).first.wait_for()
-    if page.get_by_role("button", name="Close").count():
-        page.get_by_role("button", name="Close").first.click()  # the assistant side panel
-    page.get_by_role("button", name="Columns").click()
-    for column in ["test/best_acc", "train/loss", "lr", "dropout"]:
-        page.get_by_title(column, exact=True).first.click()
-    page.keyboard.press("Escape")
+def rows_top_down(page, names) -> list[str]:
+    """The given run names in the order the runs table shows them, top to bottom."""
     grid = page.get_by_role("grid").first
-    grid.get_by_text("test/best_acc").wait_for()
-    page.screenshot(path=SHOTS / "ui-runs.png")
+    found = {name: grid.get_by_text(name, exact=True).first for name in names}
+    for cell in found.values():
+        cell.wait_for()
+    return sorted(names, key=lambda name: found[name].bounding_box()["y"])
+
+
+def check_model_training_view(page):
+    page.get_by_text("Model training").first.wait_for()
+    body = page.inner_text("body")
+    for genai in GENAI_ONLY:
+        assert genai not in body, genai  # MLflow 3.17's default: the GenAI view
+    return body
+
+
+def test_the_runs_page_is_the_model_training_view_best_first_with_params_and_accuracies(served, page):
+    # What `alexnet ui` prints for the experiment: the same `links` on the same server.
+    [(what, url), (sweep_what, sweep_url)] = ui.links(served["base"], store.DEFAULT_EXPERIMENT)
+    assert what.startswith("experiment 'alexnet-fashion-mnist'") and "viewStateShareKey=sweep-uis" in sweep_url
+    page.goto(url)
+    names = list(served["runs"])  # the parent, both trials, the plain run: every row at top level
+    order = rows_top_down(page, names)
+    body = check_model_training_view(page)
+    assert "Sort: test/best_acc" in body
+    best = {n: served["runs"][n].data.metrics.get("test/best_acc", float("-inf")) for n in names}
+    assert [best[n] for n in order] == sorted(best.values(), reverse=True), order  # best first; the parent last
+    grid = page.get_by_role("grid").first
     text = grid.inner_text()
-    for name, run in found.items():
-        assert name in text
-        assert shown(run.data.metrics["test/best_acc"]) in text
-        assert f"{run.data.metrics['train/loss']:.3f}"[:4] in text
-    for header in ["test/best_acc", "train/loss", "lr", "dropout", "0.05", "0.2", "0.5"]:
-        assert header in text, header
-    # The Dataset column: each run's Fashion-MNIST inputs, by name and digest, with the split as context.
-    digests = {i.dataset.digest for r in found.values() for i in r.inputs.dataset_inputs}
-    assert len(digests) == 2  # the two runs saw the same train and test images
+    for header in ["lr", "dropout", "resize", "batch_size", "epochs", "train_limit", "test/best_acc", "test/acc",
+                   "train/loss", "perf/examples_per_sec"]:
+        assert header in text.split("\n"), header
+    for name in RUNS:
+        assert shown(best[name]) in text
+    page.screenshot(path=SHOTS / "ui-runs.png")
+
+
+def test_the_sweep_pages_show_its_trials_and_compare_its_top_trials_on_the_objective(served, page):
+    trials_url, compare_url = served["urls"]
+    page.goto(trials_url)
+    trials = [n for n in RUNS if "trial" in n]
+    order = rows_top_down(page, trials)
+    body = check_model_training_view(page)
+    best = {n: served["runs"][n].data.metrics["test/best_acc"] for n in trials}
+    assert [best[n] for n in order] == sorted(best.values(), reverse=True)
+    grid_text = page.get_by_role("grid").first.inner_text()
+    assert "plain" not in grid_text and "\nuis\n" not in f"\n{grid_text}\n"  # only the study's trials
+    assert "2 matching runs" in body and "lr" in grid_text.split("\n")
+    page.screenshot(path=SHOTS / "ui-sweep.png")
+
+    page.set_viewport_size({"width": 1800, "height": 1500})
+    page.goto(compare_url)
+    page.get_by_text("Comparing 2 Runs").wait_for()
+    check_model_training_view(page)
+    # The parallel coordinates plot the runs' first logged metric: the objective, logged first.
+    metrics = page.get_by_text("Metrics:", exact=True).locator("xpath=..").inner_text()
+    assert "test/best_acc" in metrics and "system/" not in metrics and "train/loss" not in metrics
+    text = page.inner_text("body")
+    for name in trials:
+        assert name in text and served["runs"][name].info.run_id in text
+    page.screenshot(path=SHOTS / "ui-compare.png")
+
+
+def test_ui_printed_the_sweep_pages_opened_the_first_and_stops_on_ctrl_c(served):
+    printed, urls = served["printed"], served["urls"]
+    assert printed[0] == "sweep 'uis': its trials, best test/best_acc first:\n"
+    assert printed[2] == "sweep 'uis': its top 2 trials side by side:\n"
+    assert "workflowType=machine_learning" in urls[0] and "viewStateShareKey=sweep-uis" in urls[0]
+    assert "#/compare-runs?runs=" in urls[1] and "workflowType=machine_learning" in urls[1]
+    assert served["opened"] == urls[:1]  # --open opened the first page
+    proc = served["proc"]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "ui: stopping" in err, err[-3000:]
+    assert err.startswith("alexnet: store sqlite:///") and "mlruns/mlflow.db, all experiments" in err.splitlines()[0]
+
+
+def test_ui_refuses_an_unknown_sweep_before_starting(home, capsys):
+    store.set_up_store()
+    assert cli.main(["ui", "--sweep", "nosuch"]) == 2
+    assert "ui: no sweep 'nosuch'" in capsys.readouterr().err
+
+
+def test_the_runs_page_and_a_runs_page_show_the_fashion_mnist_dataset_inputs(served, page):
+    """The Dataset column shows each run's Fashion-MNIST inputs by name and digest; a run's page opens a
+    drawer listing each split with its context and profile."""
+    runs = {name: served["runs"][name] for name in RUNS}
+    digests = {i.dataset.digest for r in runs.values() for i in r.inputs.dataset_inputs}
+    assert len(digests) == 2  # every run saw the same train and test images
+    page.goto(ui.links(served["base"], store.DEFAULT_EXPERIMENT)[0][1])
+    rows_top_down(page, list(RUNS))
+    text = page.get_by_role("grid").first.inner_text()
     assert "fashion-mnist" in text and any(d in text for d in digests), text
 
-    # A run's page names its datasets; their drawer lists each split with its context and profile.
-    run = found["ui-lr-0.05"]
-    page.goto(f"{server}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}")
+    run = runs["plain"]
+    page.goto(f"{served['base']}/#/experiments/{served['exp']}/runs/{run.info.run_id}")
     page.get_by_text("fashion-mnist (").first.click()
     page.get_by_text("2 datasets used").wait_for()
     page.screenshot(path=SHOTS / "ui-run-datasets.png")
@@ -106,21 +209,3 @@ def test_runs_and_compare_pages_show_names_params_and_metrics(server, page):
         context = dataset_input.tags[0].value
         assert f"fashion-mnist ({dataset_input.dataset.digest})\n{context.title()}" in drawer, context
     assert "num rows: 256" in drawer and "Path: /" in drawer
-    page.keyboard.press("Escape")
-
-    # Compare page: both runs side by side, with their params and metrics.
-    page.set_viewport_size({"width": 1800, "height": 1500})
-    page.goto(ui.compare_url(server, [r.info.run_id for r in found.values()], [exp.experiment_id]))
-    page.get_by_text("test/best_acc").first.wait_for()
-    for name in RUNS:
-        page.get_by_text(name, exact=True).first.wait_for()
-    page.get_by_text("Visualizations", exact=True).click()  # fold the plots: the tables are what we check
-    text = page.inner_text("body")
-    page.get_by_text("Show diff only").first.click()  # the screenshot shows the params that differ
-    page.screenshot(path=SHOTS / "ui-compare.png")
-    assert "Comparing 2 Runs" in text
-    for key in ["lr", "dropout", "resize", "test/acc", "test/best_acc", "train/loss", "perf/examples_per_sec"]:
-        assert key in text, key
-    for name, run in found.items():
-        assert name in text and run.info.run_id in text
-        assert shown(run.data.metrics["test/best_acc"]) in text

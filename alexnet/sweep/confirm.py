@@ -34,12 +34,12 @@ import mlflow
 import numpy as np
 from scipy import stats
 
-from alexnet import UsageError, store
+from alexnet import UsageError, disk, home, store
 from alexnet.config import Config
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import format_params
 from alexnet.sweep.study import load_study, ranked
-from alexnet.tracking import tracked_train
+from alexnet.tracking import NOTE, tracked_train
 from alexnet.train import Diverged
 
 FIRST_SEED = 1000  # fresh seeds: the sweep trains every trial with the base config's seed (0 by default)
@@ -109,13 +109,19 @@ def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None
             cfg = Config(**{**base, **c["params"], "seed": seed,
                             "run_name": f"{name}-confirm-{c['label'].split(' =')[0].replace(' ', '')}-seed{seed}"})
             tags = {"sweep.study": name, "sweep.role": "confirm", "sweep.confirm_of": c["label"],
-                    "sweep.confirm_params": key, "sweep.seed": str(seed)}
+                    "sweep.confirm_params": key, "sweep.seed": str(seed),
+                    NOTE: f"Confirm run of sweep '{name}': {c['label']} ({format_params(c['params'])}) again with the "
+                          f"fresh seed {seed}, to measure its {objective} beyond one seed's luck."}
+            started = {}
             try:
                 run = tracked_train(cfg, source=attrs.get("sweep_file"), parent_run_id=attrs["mlflow_parent_run_id"],
-                                    tags=tags, progress=not quiet)
+                                    tags=tags, progress=not quiet, objective=objective,
+                                    on_start=lambda run_id: started.update(run_id=run_id))
                 value, test = run.records[-1].metrics()[objective], run.records[-1].metrics().get(final, math.nan)
             except Diverged:
                 value = test = math.nan  # counted in n, left out of the mean: a config that diverges is not confirmed
+            # A confirm run is there for its metrics: its checkpoints and model go (alexnet/cleanup.py).
+            disk.delete_checkpoints(started["run_id"])
             c["values"].append(value)
             c["test_values"].append(test)
             say(f"  {c['label']}, seed {seed}: {objective} {value:.4f}")
@@ -154,6 +160,7 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
     store.set_up_store()
     study = load_study(study_name, storage)
     attrs = study.user_attrs
+    home.announce(attrs["base_config"]["experiment"])
     objective, direction, parent = attrs["objective"], attrs["direction"], attrs["mlflow_parent_run_id"]
     if objective.startswith("test/"):
         raise UsageError(f"confirm: study {study_name!r} selected on {objective}, a test metric: its ranking is biased "

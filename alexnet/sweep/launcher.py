@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,15 +32,16 @@ import optuna
 import pynvml
 from tqdm import tqdm
 
-from alexnet import UsageError, datafiles, store
+from alexnet import UsageError, datafiles, home, sizes, store
 from alexnet.backends import check_database, lost_connection
-from alexnet.home import sqlite_path, tracking_uri, where
+from alexnet.home import artifacts_dir, is_local_default, sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
-from alexnet.sweep.report import summarize, trial_line
+from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import SPEC_ENV, Sweep, base_params, describe_space
-from alexnet.sweep.study import open_study, ranked, study_lock, tally
+from alexnet.sweep.study import FINISHED_STATES, open_study, ranked, study_lock, tally
+from alexnet.views import NOTE
 
 UNCOMPARED = {"device", "data_dir", "num_workers", "run_name"}  # may differ between resumes
 
@@ -117,7 +119,8 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
         if parent is None:
             parent = client.create_run(exp_id, run_name=sweep.study, tags={
                 "sweep.study": sweep.study, "sweep.role": "parent", "sweep.storage": redact(sweep.storage),
-                "experiment_file": sweep.source, "command": redact(command)}).info.run_id
+                "experiment_file": sweep.source, "command": redact(command),
+                NOTE: parent_note(sweep, 0, {s: 0 for s in FINISHED_STATES}, [], 0)}).info.run_id
             client.log_param(parent, "objective", f"{sweep.direction} {sweep.objective}")
             for k in ("sampler", "seed", "pruner", "keep_top"):
                 client.log_param(parent, k, getattr(sweep, k))
@@ -134,6 +137,22 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
         first_slot = attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", first_slot + workers)
     return study, parent, first_slot
+
+
+def disk_plan(sweep: Sweep, workers: int) -> str:
+    """What a trial writes, from the network's parameter count at the largest resize the sweep trains."""
+    spec = sweep.space.get("resize")
+    resize = max(spec["choices"]) if spec and "choices" in spec else spec["high"] if spec else sweep.config["resize"]
+    one = sizes.weights_bytes(resize)
+    # Training: last.pt, and best.pt while the best epoch is an earlier one; at its end the model, then a
+    # kept trial holds last.pt and the model, the others nothing.
+    most = workers * 3 * one + min(sweep.keep_top, sweep.n_trials or sweep.keep_top) * 2 * one
+    line = (f"disk: a trial writes up to {3 * one / 1e6:,.0f} MB ({one / 1e6:,.0f} MB each for last.pt, best.pt and "
+            f"the model: {sizes.parameter_count(resize):,} parameters at resize {resize}); the top {sweep.keep_top} "
+            f"keep {2 * one / 1e6:,.0f} MB each, the others nothing: at most {most / 1e9:,.2f} GB")
+    if is_local_default(tracking_uri()):
+        line += f", {shutil.disk_usage(artifacts_dir()).free / 1e9:,.1f} GB free in {artifacts_dir()}"
+    return line
 
 
 def worker_env(sweep: Sweep, index: int, workers: int, parent: str, deadline: float, gpus: list[str],
@@ -172,8 +191,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
     preflight(sweep, cluster)
+    home.announce(sweep.config["experiment"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+    print(disk_plan(sweep, workers), file=sys.stderr)  # also with --quiet: it is what the disk must hold
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     done, running, _ = tally(study)
     placed = cluster.describe(workers) if cluster else f"{workers} worker{'s' if workers > 1 else ''}"
@@ -266,7 +287,7 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
                     failed_once.add(t.number)
                     continue
                 seen.add(t.number)
-                say(trial_line(t, sweep.objective, retried_as))
+                say(trial_line(t, sweep.objective, retried_as, sweep.config["epochs"]))
         finished, _, _ = tally(study, trials)
         bar.n = len(finished)
         best = ranked(study, sweep.direction, trials)

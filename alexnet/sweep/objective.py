@@ -8,8 +8,8 @@ import optuna
 
 from alexnet.config import FIELDS, Config
 from alexnet.redact import redact
-from alexnet.sweep.spec import Sweep
-from alexnet.tracking import StopRun, tracked_train
+from alexnet.sweep.spec import Sweep, format_params
+from alexnet.tracking import NOTE, StopRun, tracked_train
 from alexnet.train import Diverged
 
 
@@ -31,14 +31,20 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
     cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
 
     def report(record, run_id):
-        trial.report(record.metrics()[sweep.objective], record.epoch)
-        if trial.should_prune():
-            raise StopRun("KILLED", {"sweep.state": "PRUNED", "sweep.pruned_epoch": str(record.epoch)})
+        value = record.metrics()[sweep.objective]
+        trial.report(value, record.epoch)
+        # A trial that has trained its last epoch completes: pruning it then would save nothing.
+        if record.epoch < cfg.epochs and trial.should_prune():
+            raise StopRun("KILLED", {"sweep.state": "PRUNED", "sweep.pruned_epoch": str(record.epoch),
+                                     "killed_reason": "pruned"},
+                          note=f"**Pruned** by the sweep's {sweep.pruner} pruner at epoch {record.epoch} of {cfg.epochs} "
+                               f"({sweep.objective} {value:.4f}): not a failure; the sweep saved its other "
+                               f"{cfg.epochs - record.epoch} epochs for more promising trials.")
 
     try:
         run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot),
                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-                            on_epoch=report, progress=False)
+                            on_epoch=report, progress=False, objective=sweep.objective)
     except StopRun as e:
         raise optuna.TrialPruned(f"pruned at epoch {e.tags['sweep.pruned_epoch']}") from None
     except Exception as e:
@@ -59,4 +65,7 @@ def trial_tags(trial, sweep: Sweep, slot: int) -> dict[str, str]:
         tags["sweep.retry_of"] = str(history[-1])
     if trial.user_attrs.get("baseline"):
         tags["sweep.baseline"] = "true"
+    which = "the baseline (the base experiment's own values)" if trial.user_attrs.get("baseline") else "a trial"
+    tags[NOTE] = (f"Trial {trial.number} of sweep '{sweep.study}', {which}: {format_params(trial.params)}; "
+                  f"{sweep.direction} {sweep.objective}.")
     return tags

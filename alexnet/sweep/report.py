@@ -13,19 +13,21 @@ import mlflow
 import optuna
 import optuna.visualization.matplotlib as vis
 
+from alexnet import disk
 from alexnet.redact import redact
 from alexnet.sweep.retention import disk_usage
-from alexnet.sweep.spec import Sweep, format_params
+from alexnet.sweep.spec import Sweep, describe_space, format_params
+from alexnet.views import NOTE
 from alexnet.sweep.study import FINISHED_STATES, ranked, tally
 
 
-def trial_line(t, objective: str, retried_as: dict) -> str:
+def trial_line(t, objective: str, retried_as: dict, epochs: int) -> str:
     """One line per finished trial: number, state, value, params, duration, and why it ended early."""
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
     state = t.state.name
     value = f"{objective} {t.value:.4f}" if state == "COMPLETE" else ""
     if state == "PRUNED":
-        value = f"pruned at epoch {max(t.intermediate_values, default='?')}"
+        value = f"pruned at epoch {max(t.intermediate_values, default='?')} of {epochs}"
     elif state == "FAIL":
         if t.number in retried_as:
             why = "interrupted" if t.user_attrs.get("fail_reason") == "interrupted" else "its worker died"
@@ -45,6 +47,9 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     client.log_metric(parent, "sweep/finished_trials", len(done), step=len(done))
     for s, n in counts.items():
         client.log_metric(parent, f"sweep/{s.lower()}", n, step=len(done))
+    epochs = sweep.config["epochs"]
+    saved = sum(epochs - max(t.intermediate_values, default=epochs) for t in done if t.state.name == "PRUNED")
+    client.log_metric(parent, "sweep/epochs_saved_by_pruning", saved, step=len(done))
     if best:
         b = best[0]
         client.log_metric(parent, "sweep/best_value", b.value, step=len(done))
@@ -67,8 +72,21 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
             client.log_artifacts(parent, str(Path(tmp) / "plots"), "plots")
     used = disk_usage(sweep)
     client.log_metric(parent, "sweep/disk_bytes", used, step=len(done))
+    client.set_tag(parent, NOTE, parent_note(sweep, len(done), counts, best, saved))
+    disk.measure(parent)
     return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
-            "plots": plots, "disk": used}
+            "plots": plots, "disk": used, "epochs_saved": saved}
+
+
+def parent_note(sweep: Sweep, finished: int, counts: dict, best: list, saved: int) -> str:
+    """The parent run's description in MLflow's UI: the study, then where it stands."""
+    lines = [f"Sweep '{sweep.study}' (Optuna): {sweep.direction} {sweep.objective} over {describe_space(sweep.space)}; "
+             f"{sweep.sampler} sampler, {sweep.pruner} pruner. Its trials are this run's child runs."]
+    lines.append(f"{finished} of {sweep.n_trials or 'unlimited'} trials finished "
+                 f"({', '.join(f'{n} {k}' for k, n in counts.items())}); pruning saved {saved} epochs.")
+    if best:
+        lines.append(f"Best: trial {best[0].number}, {sweep.objective} {best[0].value:.4f}: {format_params(best[0].params)}.")
+    return "\n\n".join(lines)
 
 
 def save_plots(study, folder: Path) -> list[str]:
@@ -107,6 +125,10 @@ def summary_text(sweep: Sweep, s: dict) -> str:
         baseline = next((t for t in s["best"] if t.user_attrs.get("baseline")), None)
         lines.append(f"best: trial {b.number}, {sweep.objective} {b.value:.4f}: {format_params(b.params)}"
                      + (f" (baseline, trial {baseline.number}: {baseline.value:.4f})" if baseline and baseline is not b else ""))
+    if sweep.pruner != "none" and s["done"]:
+        budget = len(s["done"]) * sweep.config["epochs"]
+        lines.append(f"pruning: {s['counts']['PRUNED']} of {len(s['done'])} trials stopped early, saving "
+                     f"{s['epochs_saved']} of {budget} epochs ({s['epochs_saved'] / budget:.0%})")
     lines.append(f"disk: {s['disk'] / 1e6:,.1f} MB in the trials' artifacts (checkpoints and models of the top "
                  f"{sweep.keep_top} kept)")
     lines.append(f"MLflow parent run {s['parent']}; leaderboard: alexnet runs --sweep {sweep.study}; "

@@ -10,6 +10,7 @@ can take is checked against the config: a space whose corner makes an invalid co
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,7 +35,7 @@ class Sweep:
     direction: str = _f("maximize", "maximize or minimize the objective")
     sampler: str = _f("tpe", "tpe (multivariate, constant liar) or random; both seeded")
     seed: int = _f(0, "sampler seed of the study's first worker; each later worker gets the next one")
-    pruner: str = _f("median", "median, hyperband or none")
+    pruner: str = _f("median", "median, hyperband or none; a trial that reaches its last epoch is never pruned")
     pruner_startup_trials: int = _f(5, "median pruner: trials that must finish before any is pruned")
     pruner_warmup_epochs: int = _f(1, "epochs every trial trains before it may be pruned")
     keep_top: int = _f(3, "keep the checkpoints and models of this many best trials; params, metrics, plots always stay")
@@ -206,6 +207,21 @@ def _check_space(where: str, name: str, spec, config: Config, enqueue_base: bool
         raise UsageError(f"{where}: the base value {getattr(config, name)!r} is outside the space: "
                          f"widen it, or set enqueue_base = false")
     return out
+
+
+SPACE_HELP = {
+    "[space]": "the search space, one entry per config field: { low, high } (numbers; log = true for a "
+               "log scale, step = N for a grid) or { choices = [...] }",
+    "[set]": "config fields every trial fixes (as an experiment file's keys)",
+}
+
+
+def describe_keys() -> str:
+    """One line per key of a sweep file, from `Sweep`'s documented fields, for `alexnet sweep --help`."""
+    fields = [f for f in dataclasses.fields(Sweep) if "help" in f.metadata]
+    width = max(len(f.name) for f in fields)
+    lines = [f"  {f.name:<{width}}  {json.dumps(f.default):<16} {f.metadata['help']}" for f in fields]
+    return "\n".join(lines + [f"  {k:<{width}}  {'':<16} {v}" for k, v in SPACE_HELP.items()])
 
 
 def describe_space(space: dict) -> str:

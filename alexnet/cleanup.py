@@ -1,0 +1,168 @@
+"""`alexnet gc`: the retention policy applied to every run of the store, and the runs deleted in MLflow
+removed for good. A dry run unless told `--yes`; either way it says how much it frees.
+
+The policy, what each run keeps:
+- a run of `alexnet train`: while it can be resumed (KILLED, FAILED, stale), everything; once FINISHED,
+  `last.pt` and its model: a `best.pt` beside them holds the model's weights again (tracking drops it as
+  the run finishes; gc catches the runs from before);
+- a sweep's trials: the top `keep_top` FINISHED trials of each study, by its objective, keep their
+  checkpoints and model; the others lose them (the sweep itself applies this after every trial; gc
+  catches sweeps stopped before it could). A running sweep's trials are left to the sweep;
+- confirm runs (`alexnet confirm`): they are there for their metric; once ended, their checkpoints and
+  model go (confirm drops them as each run ends);
+- params, metrics, tags, config and plots always stay;
+- runs deleted in MLflow (the UI's delete, `mlflow runs delete`) go for good with their artifacts and
+  models, through the store's own hard delete (what `mlflow gc` uses); deleted logged models too.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import mlflow
+from mlflow.entities import ViewType
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking._tracking_service.utils import _get_store
+
+from alexnet import disk, runs, store
+from alexnet.store import CHECKPOINTS
+
+
+@dataclass
+class Item:
+    group: str          # what kind of file goes, in words
+    run_id: str
+    nbytes: int
+    act: Callable[[], object]
+    unit: str = "run"
+
+
+def _checkpoint_and_model_bytes(run) -> int:
+    return disk.artifact_bytes(run.info.artifact_uri, CHECKPOINTS) + sum(
+        disk.artifact_bytes(m.artifact_location) for m in disk.logged_models(run))
+
+
+def _delete(run_id: str):
+    return lambda: disk.delete_checkpoints(run_id)
+
+
+def trial_items(all_runs: list) -> list[Item]:
+    """Trials outside their study's top `keep_top`, of the studies not running now."""
+    items = []
+    parents = {r.data.tags.get("sweep.study"): r for r in all_runs if r.data.tags.get("sweep.role") == "parent"}
+    for study, parent in parents.items():
+        if parent.info.status == "RUNNING" and not store.stale_reason("RUNNING", parent.data.tags):
+            continue  # the sweep applies its own retention, under its lock
+        objective, direction, _ = runs.study_objective(parent)
+        keep_top = int(parent.data.params.get("keep_top", 3))
+        trials = [r for r in all_runs if r.data.tags.get("sweep.study") == study and r.data.tags.get("sweep.role") == "trial"]
+        done = [r for r in trials if r.info.status == "FINISHED" and objective in r.data.metrics]
+        sign = -1 if direction == "maximize" else 1
+        keep = {r.info.run_id for r in sorted(done, key=lambda r: (sign * r.data.metrics[objective], r.info.start_time))[:keep_top]}
+        for r in trials:
+            if r.info.run_id in keep or r.info.status == "RUNNING" or r.data.tags.get("checkpoints") == "deleted":
+                continue
+            items.append(Item(f"sweep {study!r}: checkpoints and models of trials outside its top {keep_top}",
+                              r.info.run_id, _checkpoint_and_model_bytes(r), _delete(r.info.run_id)))
+    return items
+
+
+def confirm_items(all_runs: list) -> list[Item]:
+    return [Item("confirm runs: checkpoints and models (their metrics are what they are for)", r.info.run_id,
+                 _checkpoint_and_model_bytes(r), _delete(r.info.run_id))
+            for r in all_runs if r.data.tags.get("sweep.role") == "confirm" and r.info.status != "RUNNING"
+            and r.data.tags.get("checkpoints") != "deleted"]
+
+
+def finished_items(all_runs: list, going: set[str]) -> list[Item]:
+    items = []
+    for r in all_runs:
+        if r.info.run_id not in going and (nbytes := disk.spare_best_bytes(r)):
+            items.append(Item("finished runs: best.pt beside a logged model of the same weights", r.info.run_id,
+                              nbytes, lambda r=r: disk.drop_spare_best(r)))
+    return items
+
+
+def deleted_items(backend) -> list[Item]:
+    """Runs and logged models deleted in MLflow: removed for good (artifacts, models, records)."""
+    items = []
+    for run_id in backend._get_deleted_runs():
+        run = backend.get_run(run_id)
+        models = disk.logged_models(run)
+        nbytes = disk.artifact_bytes(run.info.artifact_uri) + sum(disk.artifact_bytes(m.artifact_location) for m in models)
+        items.append(Item("runs deleted in MLflow, removed for good", run_id, nbytes,
+                          lambda run=run, models=models: _hard_delete(backend, run, models)))
+    for model_id in backend._get_deleted_logged_models():
+        model = backend.get_logged_model(model_id, allow_deleted=True)
+        items.append(Item("logged models deleted in MLflow, removed for good", model_id,
+                          disk.artifact_bytes(model.artifact_location), lambda model=model: _hard_delete_model(backend, model),
+                          unit="model"))
+    return items
+
+
+def _hard_delete_model(backend, model) -> None:
+    get_artifact_repository(model.artifact_location).delete_artifacts()
+    backend._hard_delete_logged_model(model.model_id)
+
+
+def _hard_delete(backend, run, models) -> None:
+    get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+    for model in models:
+        backend.delete_logged_model(model.model_id)
+        _hard_delete_model(backend, model)
+    backend._hard_delete_run(run.info.run_id)
+
+
+def _can_hard_delete(backend) -> bool:
+    return hasattr(backend, "_hard_delete_run") and hasattr(backend, "_get_deleted_logged_models")
+
+
+def plan() -> tuple[list[Item], list, str]:
+    """(what the policy deletes, every active run, a note on what gc cannot do on this store)."""
+    client = mlflow.MlflowClient()
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    all_runs = mlflow.search_runs(exp_ids, output_format="list", max_results=100000) if exp_ids else []
+    items = trial_items(all_runs) + confirm_items(all_runs)
+    items += finished_items(all_runs, {i.run_id for i in items})
+    backend = _get_store()
+    if _can_hard_delete(backend):
+        return items + deleted_items(backend), all_runs, ""
+    return items, all_runs, "runs deleted in MLflow on a tracking server: the server's own `mlflow gc` removes them"
+
+
+def gc(yes: bool) -> int:
+    """`alexnet gc [--yes]`: one line per kind of file, then what it frees (or would)."""
+    items, all_runs, note = plan()
+    print(f"alexnet gc: {'deleting' if yes else 'dry run, nothing is deleted (alexnet gc --yes deletes)'}",
+          file=sys.stderr)
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    for group, members in groups.items():
+        print(f"  {group}: {len(members)} {members[0].unit}{'s' if len(members) != 1 else ''}, "
+              f"{runs.megabytes(sum(i.nbytes for i in members))}")
+        if yes:
+            for item in members:
+                item.act()
+    if note:
+        print(f"  ({note})", file=sys.stderr)
+    total = sum(i.nbytes for i in items)
+    if not items:
+        print(f"nothing to free: every one of the {len(all_runs)} runs keeps only what the policy keeps")
+    elif yes:
+        print(f"freed {runs.megabytes(total)}")
+    else:
+        print(f"would free {runs.megabytes(total)}")
+    if yes:
+        backend = _get_store()
+        if _can_hard_delete(backend):  # the models whose files the policy deleted just now: their records too
+            for model_id in backend._get_deleted_logged_models():
+                _hard_delete_model(backend, backend.get_logged_model(model_id, allow_deleted=True))
+        unmeasured = [r.info.run_id for r in all_runs if disk.TAG not in r.data.tags]
+        for run_id in unmeasured:
+            disk.measure(run_id)
+        for item in groups.get("finished runs: best.pt beside a logged model of the same weights", []):
+            disk.measure(item.run_id)
+    return 0

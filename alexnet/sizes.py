@@ -1,0 +1,49 @@
+"""The network's sizes without torch: the last feature map's side, the flatten width, the parameter count,
+and the bytes a run writes. The sweep launcher says how much a trial will write before it starts, and it
+never imports torch; `alexnet/model.py` builds the network from the same arithmetic.
+
+Only the standard library and `alexnet/__init__.py` are imported here: a logged model that imports
+`alexnet.model` (see there) loads where torch is all there is.
+"""
+
+from __future__ import annotations
+
+from alexnet import UsageError
+
+MIN_RESIZE = 67  # the third 3x3/2 max-pool needs a 3 px map: (67-11)//4+1=15 -> 7 -> 3 -> 1
+
+CONV_PARAMETERS = (96 * 1 * 11 * 11 + 96) + (256 * 96 * 5 * 5 + 256) + (384 * 256 * 3 * 3 + 384) \
+    + (384 * 384 * 3 * 3 + 384) + (256 * 384 * 3 * 3 + 256)
+FC_PARAMETERS = (4096 * 4096 + 4096) + (4096 * 10 + 10)  # the second and third FC layers
+HEADER_BYTES = 1 << 20  # a saved file's archive headers and pickled structure, at most
+
+
+def pooled_side(resize: int) -> int:
+    """Side of the last feature map (256 channels) for a square input of `resize` pixels."""
+    side = (resize - 11) // 4 + 1          # Conv2d(1, 96, 11, stride=4)
+    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the 5x5/pad 2 conv keeps the side
+    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the three 3x3/pad 1 convs keep it
+    return (side - 3) // 2 + 1             # MaxPool2d(3, 2)
+
+
+def flatten_width(resize: int) -> int:
+    if resize < MIN_RESIZE:
+        raise UsageError(f"model: resize = {resize} is too small for AlexNet (allowed: resize >= {MIN_RESIZE})")
+    return 256 * pooled_side(resize) ** 2
+
+
+def parameter_count(resize: int) -> int:
+    """Parameters of the chapter's network at `resize` (46,764,746 at 224)."""
+    return CONV_PARAMETERS + flatten_width(resize) * 4096 + 4096 + FC_PARAMETERS
+
+
+def weights_bytes(resize: int) -> int:
+    """One fp32 copy of the weights, as a checkpoint or the logged model holds it."""
+    return parameter_count(resize) * 4 + HEADER_BYTES
+
+
+def run_bytes(resize: int) -> dict[str, int]:
+    """What a run writes at most, by file: `last.pt` (plain SGD keeps no optimizer buffers), a `best.pt`
+    while the best epoch is an earlier one, and the logged model."""
+    one = weights_bytes(resize)
+    return {"checkpoints/last.pt": one, "checkpoints/best.pt": one, "model": one}
