@@ -26,14 +26,13 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import mlflow
 import torch
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from alexnet import UsageError
-from alexnet.store import CHECKPOINTS as FOLDER
+from alexnet.disk import listed, remove
+from alexnet.store import CHECKPOINTS as FOLDER, local_artifact_dir
 
 MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
 HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline
@@ -166,16 +165,6 @@ def load(path: str | Path, what: str = "") -> dict:
 
 # --- Publishing into a run's artifacts -------------------------------------------------------------
 
-def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The folder of a `file://` artifact URI (the local store), else None (a server, a bucket)."""
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and artifact_uri.startswith("/"):
-        return Path(artifact_uri)
-    return None
-
-
 def publish(state: dict, name: str, run_id: str, artifact_uri: str) -> int:
     """Write `state` as `checkpoints/<name>.pt`: saved in place (atomically) on the local store, uploaded
     from a temp folder elsewhere. Returns the file's bytes."""
@@ -210,26 +199,13 @@ def keep_last_as_best(run_id: str, artifact_uri: str) -> int:
         os.replace(tmp, best)
         return best.stat().st_size
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        if "last.pt" not in _listed(run_id):
+        if "last.pt" not in listed(run_id):
             return 0
         path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/last.pt", dst_path=tmp))
         best = path.with_name("best.pt")
         path.rename(best)
         mlflow.MlflowClient().log_artifact(run_id, str(best), FOLDER)
         return best.stat().st_size
-
-
-def remove(name: str, run_id: str, artifact_uri: str) -> None:
-    """Delete `checkpoints/<name>.pt` if the run has one."""
-    folder = local_artifact_dir(artifact_uri)
-    if folder is not None:
-        (folder / FOLDER / f"{name}.pt").unlink(missing_ok=True)
-    elif f"{name}.pt" in _listed(run_id):
-        get_artifact_repository(artifact_uri).delete_artifacts(f"{FOLDER}/{name}.pt")
-
-
-def _listed(run_id: str) -> set[str]:
-    return {Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run_id, FOLDER)}
 
 
 def fetch(run_id: str, name: str) -> dict | None:
@@ -241,7 +217,7 @@ def fetch(run_id: str, name: str) -> dict | None:
     if folder is not None:  # the local store: read it in place, no copy
         path = folder / FOLDER / f"{name}.pt"
         return load(path, what) if path.is_file() else None
-    if f"{name}.pt" not in _listed(run_id):
+    if f"{name}.pt" not in listed(run_id):
         return None
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/{name}.pt", dst_path=tmp)

@@ -15,8 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from alexnet.checkpoint import local_artifact_dir, remove
-from alexnet.store import CHECKPOINTS
+from alexnet.store import CHECKPOINTS, local_artifact_dir
 
 TAG = "disk_bytes"
 
@@ -104,3 +103,16 @@ def drop_spare_best(run) -> int:
     if freed:
         remove("best", run.info.run_id, run.info.artifact_uri)
     return freed
+
+
+def remove(name: str, run_id: str, artifact_uri: str) -> None:
+    """Delete `checkpoints/<name>.pt` if the run has one."""
+    folder = local_artifact_dir(artifact_uri)
+    if folder is not None:
+        (folder / CHECKPOINTS / f"{name}.pt").unlink(missing_ok=True)
+    elif f"{name}.pt" in listed(run_id):
+        get_artifact_repository(artifact_uri).delete_artifacts(f"{CHECKPOINTS}/{name}.pt")
+
+
+def listed(run_id: str) -> set[str]:
+    return {Path(f.path).name for f in mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINTS)}

@@ -36,10 +36,11 @@ from mlflow.utils import requirements_utils
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from alexnet import checkout, data, datafiles
-from alexnet.checkpoint import check_room, local_artifact_dir, tensor_bytes
+from alexnet.checkpoint import check_room, tensor_bytes
 from alexnet.config import TEST_IMAGES, TRAIN_IMAGES, Config
 from alexnet.model import RawImages, alexnet
 from alexnet.redact import redact
+from alexnet.store import local_artifact_dir
 from alexnet.train import resolve_device, resolve_precision, speed_switches
 
 PACKAGE = Path(__file__).resolve().parent

@@ -17,7 +17,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import mlflow
 import psutil
@@ -118,6 +119,16 @@ def experiment_id(name: str, create: bool = True) -> str:
             return exp.experiment_id
         raise UsageError(f"tracking: cannot create experiment {name!r} in {redact(where(tracking_uri()))} "
                          f"({first_line(e)})") from None
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a `file://` artifact URI (the local store), else None (a server, a bucket)."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
 
 
 # --- Is a RUNNING run's process alive? ------------------------------------------------------------

@@ -26,7 +26,8 @@ EXPERIMENT_VIEW = "alexnet"  # the key of the experiment's own runs view
 NOTE = "mlflow.note.content"
 
 # The leaderboard's columns, as MLflow's runs table names them.
-METRIC_COLUMNS = ["test/best_acc", "test/acc", "train/loss", "perf/examples_per_sec"]
+METRIC_COLUMNS = ["val/best_acc", "test/acc_at_best_val", "test/best_acc", "test/acc", "train/loss",
+                  "perf/examples_per_sec"]  # the val/ ones stay empty for runs without a validation split
 PARAM_COLUMNS = ["lr", "dropout", "resize", "batch_size", "epochs", "train_limit"]
 
 
@@ -37,12 +38,13 @@ def column(kind: str, name: str) -> str:
 
 def view_state(params: list[str], objective: str = "test/best_acc", direction: str = "maximize",
                search_filter: str = "") -> dict:
-    """A runs-page view: best first by the objective, the params then the accuracy metrics as columns."""
+    """A runs-page view: best first by the objective, the params then the accuracy metrics as columns,
+    the duration and the datasets each run saw (its Fashion-MNIST splits)."""
     metrics = [objective] + [m for m in METRIC_COLUMNS if m != objective]
     return {"orderByKey": column("metrics", objective), "orderByAsc": direction == "minimize",
             "searchFilter": search_filter,
             "selectedColumns": [column("params", p) for p in params] + [column("metrics", m) for m in metrics]
-            + [column("attributes", "Duration")]}
+            + [column("attributes", "Duration"), column("attributes", "Dataset")]}
 
 
 def experiment_tags() -> dict[str, str]:

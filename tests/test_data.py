@@ -3,7 +3,6 @@ The real files come from wherever this machine has them: `$ALEXNET_DATA_DIR`, el
 
 import gzip
 import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from alexnet import checkpoint, cli, disk, store
+from alexnet import cli, disk, store
 
 MB = 10**6
 
@@ -15,13 +15,13 @@ MB = 10**6
 def make_run(client, exp, name, status, files: dict, model_mb: int = 0, tags=None, metric=None):
     """A run with the given artifact files (path -> MB) and, optionally, a logged model of that size."""
     run = client.create_run(exp, run_name=name, tags=tags or {})
-    folder = checkpoint.local_artifact_dir(run.info.artifact_uri)
+    folder = store.local_artifact_dir(run.info.artifact_uri)
     for path, mb in files.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(b"\0" * mb * MB)
     if model_mb:
         model = client.create_logged_model(exp, name="model", source_run_id=run.info.run_id)
-        models = checkpoint.local_artifact_dir(model.artifact_location)
+        models = store.local_artifact_dir(model.artifact_location)
         models.mkdir(parents=True, exist_ok=True)
         (models / "model.pth").write_bytes(b"\0" * model_mb * MB)
     if metric is not None:
@@ -32,7 +32,7 @@ def make_run(client, exp, name, status, files: dict, model_mb: int = 0, tags=Non
 
 def files_of(run_id) -> list[str]:
     run = mlflow.get_run(run_id)
-    folder = checkpoint.local_artifact_dir(run.info.artifact_uri)
+    folder = store.local_artifact_dir(run.info.artifact_uri)
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 

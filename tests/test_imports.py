@@ -6,7 +6,6 @@ import ast
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ROOT
 

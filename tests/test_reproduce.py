@@ -66,10 +66,11 @@ def test_the_record_holds_code_versions_data_and_the_splits_as_dataset_inputs(tr
     assert profiles["validation"]["split_seed"] == 0 and profiles["test"]["md5"] == {
         n: datafiles.RAW_MD5[n] for n in datafiles.FILES if n.startswith("t10k")}
     assert json.loads(inputs["test"].source)["uri"] == datafiles.origin()
-    # The best checkpoint (and the logged model) is the epoch validation chose.
+    # The best epoch (the logged model's; a finished run keeps it as its model, not as best.pt) is the
+    # epoch validation chose.
     final = tracked.records[-1]
-    assert checkpoint.fetch(tracked.run_id, "best")["epoch"] == final.best_epoch
-    assert final.best_val_acc == max(r.val_acc for r in tracked.records)
+    assert checkpoint.fetch(tracked.run_id, "last")["best_epoch"] == final.best_epoch
+    assert final.best_val_acc == max(r.val_acc for r in tracked.records) == tracked.records[final.best_epoch - 1].val_acc
 
 
 def test_a_cpu_run_is_reproduced_exactly(tracked, capsys):

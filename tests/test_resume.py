@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import mlflow
-import pytest
 
 from alexnet import checkpoint, cli, runs, store
 from conftest import ROOT, default_sigint, wait_for

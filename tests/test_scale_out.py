@@ -269,7 +269,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
                 [acc] = client.get_metric_history(run.info.run_id, "val/acc")  # the objective: val/best_acc
                 assert acc.step == 1 and acc.value == pytest.approx(t.value)
         best = children[min(kept)]
-        state = checkpoint.fetch(best.info.run_id, "best")
+        state = checkpoint.fetch_best(best.info.run_id)
         assert state["epoch"] == 1 and "model" in state
         [model] = client.search_logged_models([best.info.experiment_id], f"source_run_id = '{best.info.run_id}'")
         import torch

@@ -2,14 +2,11 @@
 they are (a failed experiment creation, a parent run that cannot be looked up), a background write's
 error naming what failed, and storages that cannot keep the trial count exact refused."""
 
-import os
-import sqlite3
 import subprocess
 import sys
 import time
 
 import mlflow
-import optuna
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
@@ -18,9 +15,8 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from alexnet import UsageError, checkpoint, store
 from alexnet.home import default_tracking_uri, mlruns_dir
 from alexnet.redact import redact
-from alexnet.sweep import launcher, parent
+from alexnet.sweep import parent
 from alexnet.sweep.spec import load_sweep
-from conftest import ROOT
 
 
 @pytest.mark.parametrize("text, secret", [

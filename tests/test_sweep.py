@@ -190,7 +190,7 @@ def test_the_parent_run_gets_best_params_trials_csv_and_plots(mixed):
     assert parent.data.metrics["sweep/best_value"] == mixed["study"].best_value
     assert parent.data.metrics["sweep/finished_trials"] == 4
     assert parent.data.metrics["sweep/epochs_saved_by_pruning"] == 1
-    assert parent.data.tags["mlflow.note.content"].startswith("Sweep 'mixed' (Optuna): maximize test/best_acc")
+    assert parent.data.tags["mlflow.note.content"].startswith("Sweep 'mixed' (Optuna): maximize val/best_acc")
     assert f"Best: trial {best.number}" in parent.data.tags["mlflow.note.content"]
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_params.json", "sweep.toml", "plots"} <= files

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from alexnet import ui
-from conftest import ROOT, wait_for
+from conftest import wait_for
 
 SWEEP = """
 study = "lost"

@@ -446,7 +446,7 @@ def test_a_full_disk_ends_the_run_failed_in_one_line(home):
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "OSError" and "File too large" in run.data.tags["failure"]
     assert run.data.params["resize"] == "67"  # what was recorded before the failure is kept
-    folder = checkpoint.local_artifact_dir(run.info.artifact_uri) / "checkpoints"
+    folder = store.local_artifact_dir(run.info.artifact_uri) / "checkpoints"
     assert not list(folder.glob("*"))  # no half-written checkpoint, under its name or a temporary one
 
 

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from alexnet import cli, store, tracking, ui
+from alexnet import home as home_module
 from alexnet.config import Config
 from conftest import ROOT, wait_for
 
@@ -71,7 +72,7 @@ def served(tmp_path_factory):
         printed = [proc.stdout.readline() for _ in range(4)]  # two pages: what each shows, then its URL
         wait_for(lambda: (home / "opened.txt").exists() or proc.poll() is not None, 60, "the UI to open its page")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        yield {"exp": exp, "printed": printed, "urls": [line.strip() for line in printed if line.startswith("  http")],
+        yield {"home": home, "exp": exp, "printed": printed, "urls": [line.strip() for line in printed if line.startswith("  http")],
                "opened": (home / "opened.txt").read_text().split(), "base": f"http://127.0.0.1:{port}",
                "runs": {r.info.run_name: r for r in client.search_runs([exp])}, "proc": proc}
     finally:
@@ -84,6 +85,16 @@ def served(tmp_path_factory):
                 proc.wait()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture
+def at_store(served, monkeypatch):
+    """This process's MLflow client on the served store (a test before this one may have pointed it
+    elsewhere): `ui.links` reads and writes the experiment's views there."""
+    monkeypatch.setenv("ALEXNET_HOME", str(served["home"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", home_module.default_tracking_uri())
+    mlflow.set_tracking_uri(home_module.default_tracking_uri())
+    return served
 
 
 @pytest.fixture
@@ -121,7 +132,8 @@ def check_model_training_view(page):
     return body
 
 
-def test_the_runs_page_is_the_model_training_view_best_first_with_params_and_accuracies(served, page):
+def test_the_runs_page_is_the_model_training_view_best_first_with_params_and_accuracies(at_store, page):
+    served = at_store
     # What `alexnet ui` prints for the experiment: the same `links` on the same server.
     [(what, url), (sweep_what, sweep_url)] = ui.links(served["base"], store.DEFAULT_EXPERIMENT)
     assert what.startswith("experiment 'alexnet-fashion-mnist'") and "viewStateShareKey=sweep-uis" in sweep_url
@@ -168,18 +180,42 @@ def test_the_sweep_pages_show_its_trials_and_compare_its_top_trials_on_the_objec
     page.screenshot(path=SHOTS / "ui-compare.png")
 
 
-def test_ui_printed_the_sweep_pages_opened_the_first_and_stops_on_ctrl_c(served):
+def test_ui_printed_the_sweep_pages_and_opened_the_first(served):
     printed, urls = served["printed"], served["urls"]
     assert printed[0] == "sweep 'uis': its trials, best test/best_acc first:\n"
     assert printed[2] == "sweep 'uis': its top 2 trials side by side:\n"
     assert "workflowType=machine_learning" in urls[0] and "viewStateShareKey=sweep-uis" in urls[0]
     assert "#/compare-runs?runs=" in urls[1] and "workflowType=machine_learning" in urls[1]
     assert served["opened"] == urls[:1]  # --open opened the first page
-    proc = served["proc"]
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    out, err = proc.communicate(timeout=60)
+
+
+def test_ctrl_c_stops_the_ui_and_its_server(served):
+    """A second `alexnet ui` on the same store (the shared one keeps serving the other tests): once it
+    prints its pages, Ctrl-C stops it and its MLflow server."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "ui", "--port", str(port)], cwd=ROOT,
+                            env={**os.environ, "ALEXNET_HOME": str(served["home"]), "TMPDIR": str(served["home"])},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline().startswith("experiment 'alexnet-fashion-mnist'"), proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0 and "ui: stopping" in err, err[-3000:]
-    assert err.startswith("alexnet: store sqlite:///") and "mlruns/mlflow.db, all experiments" in err.splitlines()[0]
+    assert err.startswith("alexnet: store sqlite:///") and "experiment 'alexnet-fashion-mnist'" in err.splitlines()[0]
+
+    def port_free():
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+    wait_for(port_free, 30, "its server's port to be free again")  # its server and workers are gone
 
 
 def test_ui_refuses_an_unknown_sweep_before_starting(home, capsys):
@@ -188,16 +224,19 @@ def test_ui_refuses_an_unknown_sweep_before_starting(home, capsys):
     assert "ui: no sweep 'nosuch'" in capsys.readouterr().err
 
 
-def test_the_runs_page_and_a_runs_page_show_the_fashion_mnist_dataset_inputs(served, page):
+def test_the_runs_page_and_a_runs_page_show_the_fashion_mnist_dataset_inputs(at_store, page):
     """The Dataset column shows each run's Fashion-MNIST inputs by name and digest; a run's page opens a
     drawer listing each split with its context and profile."""
+    served = at_store
     runs = {name: served["runs"][name] for name in RUNS}
     digests = {i.dataset.digest for r in runs.values() for i in r.inputs.dataset_inputs}
     assert len(digests) == 2  # every run saw the same train and test images
     page.goto(ui.links(served["base"], store.DEFAULT_EXPERIMENT)[0][1])
     rows_top_down(page, list(RUNS))
-    text = page.get_by_role("grid").first.inner_text()
-    assert "fashion-mnist" in text and any(d in text for d in digests), text
+    grid = page.get_by_role("grid").first
+    grid.get_by_text("fashion-mnist (").first.wait_for()  # the Dataset column's cells come after the rows
+    text = grid.inner_text()
+    assert any(d in text for d in digests), text
 
     run = runs["plain"]
     page.goto(f"{served['base']}/#/experiments/{served['exp']}/runs/{run.info.run_id}")
