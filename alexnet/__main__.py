@@ -1,3 +1,3 @@
-from alexnet.cli import main
+from alexnet.cli import run
 
-raise SystemExit(main())
+run()

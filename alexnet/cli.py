@@ -214,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The `alexnet` command (`python -m alexnet` too): `main`, then exit at once. Python's own teardown of
+    the ~1,800 modules torch and MLflow bring takes 0.5-1.2 s after the last line, and nothing needs it
+    here: every thread is joined and every file closed by then."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     from alexnet import home
 

@@ -164,10 +164,15 @@ def cmd_sweep(args) -> int:
         except ImportError as e:
             raise UsageError(f"--ray needs Ray ({e}): pip install 'alexnet-sweeps[ray]'") from None
         cluster = Cluster(args.ray, args.gpus_per_worker, args.cpus_per_worker or 1.0)
+    waiting = None
+    if cluster is None:  # they import torch and MLflow while this process imports its own and checks
+        from alexnet.sweep import local_workers
+
+        waiting = local_workers.start(args.workers, sweep.config["device"])
     from alexnet import runs
     from alexnet.sweep import launcher, report
 
-    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster)
+    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster, waiting=waiting)
     print(report.summary_text(sweep, result))
     if not args.quiet:
         print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
@@ -185,9 +190,9 @@ def cmd_confirm(args) -> int:
 
 def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/runs.py)."""
-    from alexnet import home, plots, runs, store
+    from alexnet import home, runs, store
 
-    store.set_up_store()
+    store.set_up_store(open_store=False)  # the board reads the store's tables itself (alexnet/query.py)
     home.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   role=args.role, sort=args.sort, reverse=args.reverse, limit=args.limit)
@@ -205,6 +210,8 @@ def cmd_runs(args) -> int:
     if args.plot:
         if board.empty:
             raise UsageError(f"--plot: nothing to draw: {runs.empty_words(board, select)}")
+        from alexnet import plots  # matplotlib: only for --plot
+
         labels = [name if isinstance(name, str) and name else r[:8] for name, r in zip(board["run"], board["run_id"])]
         print(f"wrote {plots.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
     if args.csv:

@@ -5,8 +5,9 @@ detection, the sweeps (studies) a store holds, and the learning curves of severa
 with a validation split log every epoch, when any selected run has one, else by `test/best_acc`
 (`best_acc`, the chapter's protocol): `search_runs` reports a metric's last value, so a best-so-far
 metric is what makes its last value the one to rank by. `test@val` is the test accuracy of the epoch
-validation chose: the figure to report, not to rank by. Everything the board shows comes from that one query (disk use too: the `disk_bytes` tag
-the run keeps current), so it stays fast however many runs there are.
+validation chose: the figure to report, not to rank by. Everything the board shows comes from one query
+(disk use too: the `disk_bytes` tag the run keeps current), and on a SQL store only the columns it shows are
+read (`alexnet/query.py`), so it stays fast however many runs there are.
 
 Each run has a role (tag `sweep.role`): `run` (`alexnet train`), `parent` (a sweep's study), `trial` (one
 of its trials) or `confirm` (`alexnet confirm`'s re-runs). A sweep's board shows its trials; its confirm
@@ -18,7 +19,7 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
-from alexnet import UsageError, store
+from alexnet import UsageError, query, store
 from alexnet.home import tracking_uri, where
 from alexnet.redact import redact
 
@@ -73,9 +74,12 @@ def study_parent(name: str, command: str = "runs"):
     """The study's parent run, or a UsageError naming the sweeps there are."""
     known = studies()
     if name not in known:
-        names = ", ".join(sorted(known)) or "none yet"
-        raise UsageError(f"{command}: no sweep {name!r} in {redact(where(tracking_uri()))} (sweeps: {names})")
+        raise UsageError(no_sweep(name, known, command))
     return known[name]
+
+
+def no_sweep(name: str, known, command: str) -> str:
+    return f"{command}: no sweep {name!r} in {redact(where(tracking_uri()))} (sweeps: {', '.join(sorted(known)) or 'none yet'})"
 
 
 def study_objective(parent) -> tuple[str, str, list[str]]:
@@ -96,9 +100,48 @@ def top_trials(study: str, experiment_id: str, objective: str, direction: str, t
 
 # --- The leaderboard --------------------------------------------------------------------------------
 
+# What the board reads of each run: on a SQL store only these are read (alexnet/query.py).
+PARAM_KEYS = [c.removeprefix("params.") for c in COLUMNS.values() if c.startswith("params.")]
+METRIC_KEYS = [c.removeprefix("metrics.") for c in COLUMNS.values() if c.startswith("metrics.")]
+TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "sweep.state", "sweep.pruned_epoch",
+            "disk_bytes", "experiment_file", "mlflow.parentRunId", "host", "pid", "process_start", "heartbeat"]
+
+
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
-    """The raw `search_runs` DataFrame of the selected runs (all experiments when a sweep or a parent
-    run is named without an experiment: the sweep's runs live wherever its base experiment does)."""
+    """The selected runs as `mlflow.search_runs` gives them (all experiments when a sweep or a parent run
+    is named without an experiment: the sweep's runs live wherever its base experiment does). On a SQL
+    store only the columns the board shows are read (`alexnet/query.py`)."""
+    uri = tracking_uri()
+    defaulted = experiment is None and not (sweep or parent)
+    if defaulted:
+        experiment = store.DEFAULT_EXPERIMENT
+    if query.is_sql(uri):
+        known = query.experiments(uri)
+        if experiment is not None and experiment not in known:
+            if defaulted:
+                return pd.DataFrame()  # a fresh store: no runs yet
+            raise UsageError(f"runs: no experiment {experiment!r} in {redact(where(uri))} "
+                             f"(known: {', '.join(known) or 'none yet'})")
+        df = query.runs(uri, None if experiment is None else [known[experiment]], PARAM_KEYS, TAG_KEYS, METRIC_KEYS)
+        tags = df.reindex(columns=["tags.sweep.study", "tags.sweep.role", "tags.mlflow.parentRunId"])
+        if sweep:
+            studies_here = set(tags["tags.sweep.study"][tags["tags.sweep.role"] == "parent"].dropna())
+            if sweep not in studies_here:
+                raise UsageError(no_sweep(sweep, studies_here, "runs"))
+            df = df[tags["tags.sweep.study"] == sweep]
+        if parent:
+            df = df[tags["tags.mlflow.parentRunId"] == parent]
+    else:
+        df = _search_runs(experiment, sweep, parent, defaulted)
+        if df is None:
+            return pd.DataFrame()
+    if sweep and "tags.sweep.role" in df:
+        df = df[df["tags.sweep.role"] != "parent"]  # the study's parent run holds no training of its own
+    return df.reset_index(drop=True) if len(df) else pd.DataFrame()
+
+
+def _search_runs(experiment: str | None, sweep: str | None, parent: str | None, defaulted: bool):
+    """`search` through MLflow's search API (a tracking server); None for a fresh store."""
     client = mlflow.MlflowClient()
     filters = []
     if sweep:
@@ -106,23 +149,17 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
         filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
-    defaulted = experiment is None and not (sweep or parent)
-    if defaulted:
-        experiment = store.DEFAULT_EXPERIMENT
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None and defaulted:
-            return pd.DataFrame()  # a fresh store: no runs yet
+            return None
         if exp is None:
             known = ", ".join(e.name for e in client.search_experiments()) or "none yet"
             raise UsageError(f"runs: no experiment {experiment!r} in {redact(where(tracking_uri()))} (known: {known})")
         kwargs = {"experiment_ids": [exp.experiment_id]}
     else:
         kwargs = {"search_all_experiments": True}
-    df = mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
-    if sweep and "tags.sweep.role" in df:
-        df = df[df["tags.sweep.role"] != "parent"]  # the study's parent run holds no training of its own
-    return df if len(df) else pd.DataFrame()
+    return mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
 
 
 def sort_key(sort: str) -> str:

@@ -48,9 +48,11 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-def set_up_store(uri: str | None = None) -> str:
+def set_up_store(uri: str | None = None, open_store: bool = True) -> str:
     """Point MLflow at the store and check it answers, before any run exists; returns the URI.
-    The project's SQLite file is created once, under a file lock: parallel first opens corrupt it."""
+    The project's SQLite file is created once, under a file lock: parallel first opens corrupt it.
+    `open_store=False`: a command that reads the project's existing SQLite file itself (the leaderboard)
+    spares opening it through MLflow's tracking store (about 1 s, importing it)."""
     uri = with_busy_timeout(uri or tracking_uri())
     quiet_mlflow()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (sweep workers, the UI) inherit it
@@ -64,8 +66,10 @@ def set_up_store(uri: str | None = None) -> str:
         except OSError as e:
             raise UsageError(f"tracking: cannot write {mlruns_dir()} ({e.strerror}): fix its permissions or "
                              f"set MLFLOW_TRACKING_URI") from None
-        with FileLock(str(mlruns_dir() / ".mlflow.db.lock")):
-            _answers(uri)  # creates and migrates the database
+        database = mlruns_dir() / "mlflow.db"
+        if open_store or not database.is_file() or not database.stat().st_size:
+            with FileLock(str(mlruns_dir() / ".mlflow.db.lock")):
+                _answers(uri)  # creates and migrates the database
         return uri
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)

@@ -47,7 +47,7 @@ def cpu_name() -> str:
 def build(n: int, seed: int = 0) -> dict:
     """N runs in the store the environment points at, shaped like the project's own."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     from alexnet import store
     from alexnet.config import Config

@@ -12,6 +12,9 @@ alike. Printed: each timing, the ratio tracked/plain of the summed wall times (t
 <= 1.03), and where the difference goes: training itself (summed epoch times: the background writer
 competes for the same cores on a CPU) and the per-run fixed costs (run set-up, curves, model logging).
 
+--steps times each step of the tracked runs (checks, the record, the run's creation, logging, the
+checkpoints, the curves, the model, the end) on the training thread, where it delays the run, or beside it.
+
 --breakdown adds two tracked variants to each round, to say where the per-epoch cost goes:
 "no-write" copies each checkpoint to the host but neither serializes nor writes it, and
 "metrics-only" does not copy it to the host either (the on-device snapshot stays). So tracked minus
@@ -68,6 +71,62 @@ def run_tracked(cfg, skip=()):
         checkpoint.publish, checkpoint.to_host = saved
 
 
+# The steps of a tracked run, timed where they run (--steps): (what, module, attribute).
+STEPS = [
+    ("checks: device, data, store", "alexnet.tracking", "preflight"),
+    ("experiment lookup", "alexnet.store", "experiment_id"),
+    ("the record: git, versions, data checksums", "alexnet.record", "describe"),
+    ("run creation", "mlflow.tracking.client", "MlflowClient.create_run"),
+    ("tags, params, metrics (log_batch)", "mlflow.tracking.client", "MlflowClient.log_batch"),
+    ("config.toml", "mlflow.tracking.client", "MlflowClient.log_text"),
+    ("record files, dataset inputs", "alexnet.record", "log_record"),
+    ("heartbeat (start)", "alexnet.store", "start_heartbeat"),
+    ("system metrics (start)", "alexnet.tracking", "SystemMetrics.start"),
+    ("system metrics (stop)", "alexnet.tracking", "SystemMetrics.finish"),
+    ("checkpoint snapshot", "alexnet.checkpoint", "Writer.submit"),
+    ("checkpoint write and checksum", "alexnet.checkpoint", "publish"),
+    ("best.pt from last.pt", "alexnet.checkpoint", "keep_last_as_best"),
+    ("learning curves", "alexnet.plots", "log_curves"),
+    ("the model: build, save, log", "alexnet.record", "log_model"),
+    ("waiting for the checkpoint writer", "alexnet.checkpoint", "Writer.close"),
+    ("the run's disk use", "alexnet.disk", "measure"),
+    ("ending the run", "alexnet.tracking", "end_run"),
+]
+
+
+class StepTimer:
+    """Wraps each of STEPS to sum its time per thread: "main" is the training thread (on the run's critical
+    path), anything else runs beside training (the checkpoint writer, the heartbeat)."""
+
+    def __init__(self):
+        import importlib
+        import threading
+
+        self.seconds, self.saved = {}, []
+        for what, module, attr in STEPS:
+            owner = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            original = getattr(owner, name)
+
+            def timed(*args, _f=original, _what=what, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    where = "main" if threading.current_thread() is threading.main_thread() else "beside"
+                    key = (_what, where)
+                    self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+
+            self.saved.append((owner, name, original))
+            setattr(owner, name, timed)
+
+    def restore(self):
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+
+
 KINDS = {"plain": run_plain, "tracked": run_tracked,
          "no-write": lambda cfg: run_tracked(cfg, skip=("write",)),
          "metrics-only": lambda cfg: run_tracked(cfg, skip=("write", "host"))}
@@ -84,6 +143,8 @@ def main(argv=None) -> int:
                         help="one untimed 1-epoch run of each first (default: on; off only for smoke tests)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also run the tracked variants no-write and metrics-only (see above)")
+    parser.add_argument("--steps", action="store_true",
+                        help="also time each step of the tracked runs, on the training thread or beside it")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -116,10 +177,17 @@ def main(argv=None) -> int:
             print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
 
         kinds = list(KINDS) if args.breakdown else ["plain", "tracked"]
-        rows = []
+        rows, steps = [], {}
         for i in range(args.rounds):
             for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                seconds, records = KINDS[kind](cfg)
+                timer = StepTimer() if args.steps and kind == "tracked" else None
+                try:
+                    seconds, records = KINDS[kind](cfg)
+                finally:
+                    if timer is not None:
+                        timer.restore()
+                        for key, t in timer.seconds.items():
+                            steps[key] = steps.get(key, 0.0) + t / args.rounds
                 epochs = sum(r.epoch_seconds for r in records)
                 rows.append({"round": i + 1, "kind": kind, "seconds": seconds, "epoch_seconds": epochs,
                              "test_acc": records[-1].test_acc, "each_epoch": [r.epoch_seconds for r in records]})
@@ -147,6 +215,13 @@ def main(argv=None) -> int:
                                ("MLflow (metrics, heartbeat, system metrics)", "metrics-only", "plain")):
                 print(f"    {what:<44} ({a} - {b}): {per_epoch[a] - per_epoch[b]:+.3f} s "
                       f"({(per_epoch[a] - per_epoch[b]) / per_epoch['plain'] * 100:+.1f}%)")
+        if steps:
+            print("  the tracked run's steps, per run (main: on the training thread, its critical path; beside: "
+                  "in another thread while training goes on):")
+            for what, _, _ in STEPS:
+                for where in ("main", "beside"):
+                    if (what, where) in steps:
+                        print(f"    {what:<44} {where:<7}{steps[what, where]:7.3f} s")
         if args.json:
             import platform
 
@@ -160,7 +235,8 @@ def main(argv=None) -> int:
                       "command": " ".join(sys.argv), **env, "config": asdict(cfg),
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
                       "later_epoch_seconds": per_epoch,
-                      "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt}
+                      "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt,
+                      "steps": [{"step": w, "thread": t, "seconds": v} for (w, t), v in steps.items()]}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     finally:
         if args.keep:

@@ -544,16 +544,32 @@ def test_dry_run_runs_the_machinery_tiny_in_a_temporary_store(tmp_path):
     assert not Path(home).exists() and not (tmp_path / "mlruns").exists()  # temporary, and gone
 
 
-def test_workers_get_a_share_of_the_cores_and_gpus_round_robin():
-    from alexnet.sweep.launcher import worker_env
-    from alexnet.sweep.spec import SPEC_ENV
+def test_workers_get_a_share_of_the_cores_and_gpus_round_robin(monkeypatch):
+    from alexnet.sweep import local_workers
 
-    sweep = load_sweep(ROOT / "sweeps" / "smoke.toml")
-    envs = [worker_env(sweep, i, 3, "parent-id", 0.0, ["0", "1"]) for i in range(3)]
+    monkeypatch.setattr(local_workers, "visible_gpus", lambda: ["0", "1"])
+    envs = [local_workers.machine_env(i, 3, "auto") for i in range(3)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
     threads = max(1, len(os.sched_getaffinity(0)) // 3)
-    assert all(json.loads(e[SPEC_ENV])["threads"] == threads == int(e["OMP_NUM_THREADS"]) for e in envs)
-    assert "CUDA_VISIBLE_DEVICES" not in worker_env(sweep, 0, 1, "p", 0.0, ["0"]) or os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert all(int(e["OMP_NUM_THREADS"]) == int(e["MKL_NUM_THREADS"]) == threads for e in envs)
+    assert "CUDA_VISIBLE_DEVICES" not in local_workers.machine_env(0, 2, "cpu")  # no GPU for CPU trials
+    monkeypatch.setattr(local_workers, "visible_gpus", lambda: ["0"])
+    assert "CUDA_VISIBLE_DEVICES" not in local_workers.machine_env(0, 1, "auto")  # one GPU: nothing to pin
+
+
+def test_workers_start_before_the_checks_and_a_refused_sweep_stops_them(tmp_path):
+    """`alexnet sweep` starts its workers first (their imports overlap its checks); a sweep refused by a
+    check stops them at once: one line, exit 2, no worker left, nothing created."""
+    path = write_sweep(tmp_path, "refused", "[space]\nlr = { low = 0.005, high = 0.05, log = true }\n")
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "sweep", str(path), "--set", "device=cuda"], cwd=ROOT,
+                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: psutil.Process(proc.pid).children() or proc.poll() is not None, 60, "the worker to start",
+             every=0.02)
+    seen = {c.pid for c in psutil.Process(proc.pid).children()} if proc.poll() is None else set()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "no NVIDIA GPU" in err, err
+    assert seen and not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refused.toml"]
 
 
 def test_the_launchers_retention_holds_the_study_lock_and_its_failure_still_ends_the_parent(home, monkeypatch, capsys):

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import pynvml
 from tqdm import tqdm
 
 from alexnet import UsageError, datafiles, home, sizes, store
@@ -39,31 +38,12 @@ from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
-from alexnet.sweep.spec import SPEC_ENV, Sweep, base_params, describe_space
+from alexnet.sweep import local_workers
+from alexnet.sweep.spec import Sweep, base_params, describe_space
 from alexnet.sweep.study import FINISHED_STATES, open_study, ranked, study_lock, tally
 from alexnet.views import NOTE
 
 UNCOMPARED = {"device", "data_dir", "num_workers", "run_name"}  # may differ between resumes
-
-
-def gpu_count() -> int:
-    """GPUs NVML sees (0 where there is no NVIDIA driver): the launcher never imports torch."""
-    try:
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount()
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return 0
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs workers may be pinned to: CUDA_VISIBLE_DEVICES if set, else every GPU NVML sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip()]
-    return [str(i) for i in range(gpu_count())]
 
 
 def preflight(sweep: Sweep, cluster=None) -> None:
@@ -72,7 +52,7 @@ def preflight(sweep: Sweep, cluster=None) -> None:
     stores answer and are not one database, the cluster answers."""
     device = sweep.config["device"]
     if cluster is None:
-        if device.startswith("cuda") and not visible_gpus():
+        if device.startswith("cuda") and not local_workers.visible_gpus():
             raise UsageError(f"sweep: device = {device!r}, but this machine shows no NVIDIA GPU: "
                              f"use --set device=cpu or device = \"auto\"")
         datafiles.prepare(sweep.config["data_dir"])  # None: no local copy, the workers download it
@@ -155,45 +135,33 @@ def disk_plan(sweep: Sweep, workers: int) -> str:
     return line
 
 
-def worker_env(sweep: Sweep, index: int, workers: int, parent: str, deadline: float, gpus: list[str],
-               threads: int | None = None) -> dict:
-    """What worker `index` gets on top of its machine's environment: the resolved sweep, the tracking
-    store, its share of the CPU threads (of this machine's cores unless `threads` says), its GPU."""
-    if threads is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // workers)
-    env = {SPEC_ENV: json.dumps({"sweep": asdict(sweep), "parent": parent, "deadline": deadline,
-                                 "threads": threads, "argv": sys.argv}),
-           "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if len(gpus) > 1 and sweep.config["device"] in ("auto", "cuda"):
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]  # round robin, one GPU per worker
-    return env
+def worker_orders(sweep: Sweep, slot: int, parent: str, deadline: float, threads: int) -> dict:
+    """What a worker needs to start (`worker.main`): the resolved sweep, its slot, the parent run, the
+    deadline, its torch threads, the stores, and the command the user typed (the runs' `command` tag)."""
+    return {"sweep": asdict(sweep), "slot": slot, "parent": parent, "deadline": deadline, "threads": threads,
+            "tracking_uri": tracking_uri(), "argv": sys.argv}
 
 
-def start_local(envs: list[dict], first_slot: int) -> list[subprocess.Popen]:
-    """The workers as processes of this machine. Own sessions: a terminal's Ctrl-C reaches the launcher
-    only, which passes exactly one SIGINT on (a second one would interrupt a worker while it ends its
-    trial cleanly)."""
-    return [subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker", str(first_slot + i)],
-                             start_new_session=True, env={**os.environ, **env})
-            for i, env in enumerate(envs)]
-
-
-def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "", cluster=None) -> dict:
+def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "", cluster=None,
+              waiting: list | None = None) -> dict:
     """Check, set up, start the workers (here, or on `cluster`, a `ray_workers.Cluster`), watch the
-    study until they exit, then keep the top K and summarise. Returns the summary plus 'status' (0 done,
-    1 a worker died or the count is not reached, 2 a worker refused its input, 130 interrupted). The
-    parent run ends FINISHED once the study is complete, KILLED when this command stopped short, and
-    stays RUNNING while other launchers' workers go on."""
+    study until they exit, then keep the top K and summarise. `waiting`: this machine's workers, already
+    started (`local_workers.start`; else they are started here), importing while the checks run. Returns
+    the summary plus 'status' (0 done, 1 a worker died or the count is not reached, 2 a worker refused
+    its input, 130 interrupted). The parent run ends FINISHED once the study is complete, KILLED when this
+    command stopped short, and stays RUNNING while other launchers' workers go on."""
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
-    preflight(sweep, cluster)
-    home.announce(sweep.config["experiment"])
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+    if cluster is None and waiting is None:
+        waiting = local_workers.start(workers, sweep.config["device"])
+    try:
+        preflight(sweep, cluster)
+        home.announce(sweep.config["experiment"])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+    except BaseException:
+        local_workers.dismiss(waiting or [])  # they exit having touched nothing
+        raise
     print(disk_plan(sweep, workers), file=sys.stderr)  # also with --quiet: it is what the disk must hold
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     done, running, _ = tally(study)
@@ -206,10 +174,13 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     stop_heartbeat = store.start_heartbeat(parent, also=lambda tags: study.set_user_attr(launcher_key(), tags))
     status, summary, procs = 0, None, []
     try:
-        gpus = [] if cluster else visible_gpus()  # on a cluster, Ray gives each worker its GPU
-        envs = [worker_env(sweep, i, workers, parent, deadline, gpus, cluster and cluster.threads)
-                for i in range(workers)]
-        procs = cluster.start(envs, first_slot) if cluster else start_local(envs, first_slot)
+        threads = cluster.threads if cluster else local_workers.threads_each(workers)
+        orders = [worker_orders(sweep, first_slot + i, parent, deadline, threads) for i in range(workers)]
+        if cluster:
+            procs = cluster.start(orders)  # Ray gives each its GPU
+        else:
+            local_workers.send(waiting, orders)
+            procs = waiting
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         status = watch(study, sweep, procs, say, quiet)
         status = worker_status(status, procs, first_slot)
@@ -307,7 +278,7 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
 
     try:
         while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
+            time.sleep(0.25)
             poll_quietly()
         poll_quietly(final=True)
         return 0

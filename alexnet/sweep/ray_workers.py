@@ -2,7 +2,7 @@
 machine belongs to, or $RAY_ADDRESS).
 
 Each worker is a Ray task that starts the very process the local launcher starts (`python -m
-alexnet.sweep.worker SLOT`, with the variables `launcher.worker_env` builds) on whichever node Ray places
+alexnet.sweep.worker`, its orders from `launcher.worker_orders` in its environment) on whichever node Ray places
 it, in a scratch folder of its own (its ALEXNET_HOME and working folder, removed afterwards), with its
 share of a GPU (`--gpus-per-worker`, default 1; a fraction puts several workers on one GPU, which Ray then
 shows to each of them but does not split: their memory must fit together) and of the CPUs
@@ -22,6 +22,7 @@ Ray is imported here only, and this module only on this path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ import ray
 from alexnet import UsageError
 from alexnet.home import tracking_uri, where
 from alexnet.redact import first_line, redact
-from alexnet.sweep.spec import PARENT_ENV, Sweep
+from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 
 MAX_RETRIES = 3   # times Ray runs a task again whose node or worker process died
 STOP_S = 120      # after a cancellation, how long a worker may take to end its trial before it is killed
@@ -47,7 +48,7 @@ def run_worker(slot: int, env: dict) -> tuple[int, str]:
     """One sweep worker on this node; returns (its exit status, where it ran)."""
     folder = tempfile.mkdtemp(prefix=f"alexnet-worker-{slot}-")
     env = {**os.environ, **env, "ALEXNET_HOME": folder, PARENT_ENV: str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker", str(slot)], cwd=folder, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker"], cwd=folder, env=env)
     try:
         while proc.poll() is None:
             try:
@@ -163,9 +164,13 @@ class Cluster:
         return (f"{workers} worker{'s' if workers > 1 else ''} on the Ray cluster {self.address}, each asking for "
                 f"{self.gpus:g} GPU and {self.cpus:g} CPU{self.note}")
 
-    def start(self, envs: list[dict], first_slot: int) -> list[RayWorker]:
+    def start(self, orders: list[dict]) -> list[RayWorker]:
+        """A Ray task per worker, its orders (`launcher.worker_orders`) and threads in its environment."""
         task = run_worker.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=MAX_RETRIES)
-        return [RayWorker(task.remote(first_slot + i, env), first_slot + i) for i, env in enumerate(envs)]
+        threads = str(self.threads)
+        return [RayWorker(task.remote(o["slot"], {SPEC_ENV: json.dumps(o), "MLFLOW_TRACKING_URI": o["tracking_uri"],
+                                                  "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}), o["slot"])
+                for o in orders]
 
     def close(self) -> None:
         ray.shutdown()

@@ -1,5 +1,5 @@
-"""A sweep worker: one process (`python -m alexnet.sweep.worker SLOT`, started by the launcher) that runs
-trials one at a time until the study has its count.
+"""A sweep worker: one process (`python -m alexnet.sweep.worker`, started by the launcher or a Ray task) that
+runs trials one at a time until the study has its count.
 
 Each round, under the study lock: fail stale trials, count, then start one more trial (the objective
 releases the lock once the trial is RUNNING with its params), wait for the running ones, or stop. After
@@ -22,11 +22,12 @@ import threading
 import time
 
 import mlflow
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (0.9 s, paid while the launcher checks)
 import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from alexnet import UsageError, data, store
+from alexnet import UsageError, data, record, store
 from alexnet.backends import lost_connection
 from alexnet.config import Config
 from alexnet.redact import first_line
@@ -157,28 +158,38 @@ def one_line_thread_errors(slot: int) -> None:
     threading.excepthook = hook
 
 
-def main(slot: int) -> int:
-    """The worker process: the spec comes from the launcher in $ALEXNET_SWEEP_SPEC."""
-    spec = json.loads(os.environ[SPEC_ENV])
-    sweep = Sweep(**spec["sweep"])
-    sys.argv = spec["argv"]  # the command the user typed, for the runs' `command` tag
+def main() -> int:
+    """The worker process. Its orders (the resolved sweep, its slot, the parent run: `launcher.worker_orders`)
+    come as one JSON line on stdin from the launcher that started it before checking anything, so that
+    these imports overlap its checks; nothing (stdin closed) means the launcher refused its input. On a Ray
+    cluster they come in $ALEXNET_SWEEP_SPEC."""
     # Ctrl-C and SIGTERM end the trial KILLED and queue it again. A process started by a Ray worker
     # inherits SIGINT blocked, or (from a background shell) ignored: both are undone here.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # MLflow's map of the installed packages, which logging a model needs (1.4 s): built while waiting.
+    threading.Thread(target=record.warm_up_model_logging, name="warm-up", daemon=True).start()
+    try:
+        orders = os.environ.get(SPEC_ENV) or sys.stdin.readline()
+    except KeyboardInterrupt:
+        return 130
+    if not orders.strip():
+        return 0
+    orders = json.loads(orders)
+    sweep, slot = Sweep(**orders["sweep"]), orders["slot"]
+    sys.argv = orders["argv"]  # the command the user typed, for the runs' `command` tag
     if os.environ.get(PARENT_ENV):
         follow_parent(int(os.environ[PARENT_ENV]))
     one_line_thread_errors(slot)
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(orders["threads"])
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the launcher prints one line per trial
     try:
         # A missing GPU or missing data: one line now, not a failed trial per try.
         check_device(Config(**sweep.config))
         data.prepare(sweep.config["data_dir"])
-        store.set_up_store()
-        return work(sweep, slot, spec["parent"], spec["deadline"])
+        store.set_up_store(orders["tracking_uri"])
+        return work(sweep, slot, orders["parent"], orders["deadline"])
     except UsageError as e:
         print(f"alexnet sweep: worker {slot}: error: {e}", file=sys.stderr)
         return 2
@@ -195,4 +206,9 @@ def main(slot: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1])))
+    status = main()
+    # Python's own teardown of torch's and MLflow's modules takes up to a second that the launcher waits
+    # for; every thread is joined and every file closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
