@@ -21,6 +21,7 @@ import platform
 import re
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -214,6 +215,7 @@ def log_model(run, cfg: Config, model_state: dict) -> str:
     nbytes = tensor_bytes(model_state)
     for folder in filter(None, [tempfile.gettempdir(), local_artifact_dir(run.info.artifact_uri)]):
         check_room(folder, nbytes, "the model")
+    warm_up_model_logging()  # done beside training already, or in progress there: then this waits for it
     net = alexnet(cfg.dropout, cfg.resize)
     net.load_state_dict(model_state)
     model = RawImages(net, cfg.resize).eval()
@@ -239,15 +241,21 @@ def log_model(run, cfg: Config, model_state: dict) -> str:
     return info.model_uri
 
 
+_PACKAGE_MAP = threading.Lock()
+
+
 def warm_up_model_logging() -> None:
-    """Pay `log_model`'s one-time costs early, in the checkpoint writer's thread while training goes on:
-    MLflow checks the model's requirements against a map of every installed package (3.3 s in a fresh
-    process on 2 cores, with torch's CUDA wheels installed). Only a speed-up: anything that fails here
-    is left for `log_model` itself to meet."""
-    try:
-        requirements_utils._init_modules_to_packages_map()  # cached by MLflow for the process
-    except Exception:
-        pass
+    """Pay `log_model`'s one-time cost early, beside training (the checkpoint writer's thread at a run's
+    start, a sweep worker while it waits for its orders): MLflow checks the model's requirements against
+    a map of every installed package, 1.4-3.3 s to build in a fresh process with torch's CUDA wheels
+    installed, then cached for the process. `log_model` calls it too, and so waits for a warm-up still in
+    progress rather than building the map a second time. Only a speed-up: anything that fails here is left
+    for `log_model` itself to meet."""
+    with _PACKAGE_MAP:
+        try:
+            requirements_utils._init_modules_to_packages_map()
+        except Exception:
+            pass
 
 
 warm_up_model_logging.what = "warming up model logging"

@@ -275,6 +275,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
             record.log_record(run_id, origin)
         helpers.writer = checkpoint.Writer(run_id, run.info.artifact_uri, on_written=disk_recorder(run_id),
                                            last_is_best=start is not None and start["best_epoch"] == start["epoch"])
+        helpers.writer.call_after(record.warm_up_model_logging)  # beside the first epoch (once a process)
 
         for rec in train(cfg, start=start, progress=progress):
             improved = rec.best_epoch == rec.epoch
@@ -286,7 +287,6 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
             result.records.append(rec)
             if len(result.records) == 1:
                 helpers.writer.call_after(helpers.system_metrics.release)
-                helpers.writer.call_after(record.warm_up_model_logging)
             if on_epoch is not None:
                 on_epoch(rec, run_id)
 

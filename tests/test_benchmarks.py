@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -138,11 +139,12 @@ def test_bad_options_are_one_line_and_exit_2_without_a_record(tmp_path, capsys):
 def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     """benchmarks/tracking_overhead.py --breakdown runs plain, tracked, no-write and metrics-only: the
     same training in each (tracking never touches the math), checkpoints only where they are meant to
-    be written, and the per-epoch cost split into its three steps."""
+    be written, and the per-epoch cost split into its three steps. --steps times the tracked run's steps,
+    on the training thread or beside it."""
     out = tmp_path / "tracking.json"
     tiny = ["resize=67", "epochs=2", "train_limit=128", "test_limit=64", "batch_size=32", "eval_batch_size=64"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tracking_overhead.py"), "--rounds", "1",
-                             "--no-warm-up", "--breakdown", "--keep", "--json", str(out), *[f"--set={s}" for s in tiny]],
+                             "--no-warm-up", "--breakdown", "--steps", "--keep", "--json", str(out), *[f"--set={s}" for s in tiny]],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -150,6 +152,9 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     for step in ("(tracked - no-write)", "(no-write - metrics-only)", "(metrics-only - plain)"):
         assert sum(step in line for line in lines) == 1, result.stdout
     store = next(line.split(": ", 1)[1] for line in lines if line.startswith("store kept: "))
+    for step, thread in [("run creation", "main"), ("the model: build, save, log", "main"),
+                         ("checkpoint write and checksum", "beside"), ("learning curves", "beside")]:
+        assert any(line.split() and line.strip().startswith(step) and f" {thread} " in line for line in lines), step
 
     record = json.loads(out.read_text())
     rows = record["rounds"]
@@ -158,6 +163,8 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     assert all(len(r["each_epoch"]) == 2 for r in rows)
     assert set(record["later_epoch_seconds"]) == {"plain", "tracked", "no-write", "metrics-only"}
     assert record["checkpoint_bytes"] > 1e6 and record["config"]["resize"] == 67
+    steps = {(r["step"], r["thread"]): r["seconds"] for r in record["steps"]}
+    assert steps[("the model: build, save, log", "main")] > 0 and steps[("checkpoint write and checksum", "beside")] > 0
 
     # The tracked run wrote checkpoints; the two variants wrote none.
     import shutil
@@ -166,3 +173,34 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     with_checkpoints = [r for r in runs if (r / "checkpoints" / "last.pt").is_file()]
     assert len(runs) == 3 and len(with_checkpoints) == 1
     shutil.rmtree(Path(store).parent)
+
+
+def test_sweep_overhead_compares_a_sweep_with_the_same_trainings_plain(tmp_path):
+    """benchmarks/sweep_overhead.py on the CPU, tiny: two trials through `alexnet sweep`, the same two
+    trainings plain, a tracked `alexnet train`; every figure in its record, the temporary store gone."""
+    out = tmp_path / "sweep.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_overhead.py"), "--trials", "2",
+                             "--set", "train_limit=128", "--set", "epochs=1", "--set", "val_size=100",
+                             "--set", "test_limit=100", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per trial in a warm worker:" in result.stdout and "the sweep's start:" in result.stdout
+    record = json.loads(out.read_text())
+    assert [r["trial"] for r in record["trials"]] == [0, 1]
+    for r in record["trials"]:
+        assert r["sweep_cycle_seconds"] > r["sweep_epoch_seconds"] > 0 and r["plain_seconds"] > r["plain_epoch_seconds"] > 0
+        assert r["difference_seconds"] == pytest.approx(r["sweep_cycle_seconds"] - r["plain_seconds"])
+    assert record["tracked_to_run_seconds"] > 0 and record["sweep_to_first_run_seconds"] > 0 and record["end_seconds"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("alexnet-sweep-bench-*"))
+
+
+def test_leaderboard_builds_a_store_of_project_shaped_runs_and_times_alexnet_runs(tmp_path):
+    out = tmp_path / "board.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), "--runs", "30", "--repeat", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["runs"] == 30 and sum(record["roles"].values()) == 30 and record["roles"]["parent"] >= 1
+    [timing] = record["timings"]
+    assert timing["runs"] == 30 and timing["lines"] >= 2 and timing["wall_seconds"] > timing["query_seconds"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("alexnet-leaderboard-bench-*"))
