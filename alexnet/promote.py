@@ -145,10 +145,10 @@ def register(name: str, model, run, tags: dict[str, str], description: str):
         client.create_registered_model(name, description=f"AlexNet on Fashion-MNIST (d2l 7.1): the winners of the "
                                                          f"experiment's sweeps, confirmed over fresh seeds "
                                                          f"(`alexnet promote`). The alias `{ALIAS}` is the one to ship.")
-    same = [v for v in client.search_model_versions(f"name = '{name}'") if getattr(v, "model_id", None) == model.model_id]
+    source = f"models:/{model.model_id}"  # the logged model; the registry keeps its files' location too
+    same = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
     version = same[0] if same else client.create_model_version(
-        name, source=f"models:/{model.model_id}", run_id=run.info.run_id, model_id=model.model_id,
-        tags=tags, description=description)
+        name, source=source, run_id=run.info.run_id, model_id=model.model_id, tags=tags, description=description)
     for k, v in tags.items():
         client.set_model_version_tag(name, version.version, k, v)
     return version, bool(same)

@@ -204,9 +204,6 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     stays RUNNING while other launchers' workers go on."""
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
-    if sweep.n_trials and len(enqueue_runs) + sweep.enqueue_base > sweep.n_trials:
-        raise UsageError(f"sweep: {len(enqueue_runs)} --enqueue runs{' and the baseline' if sweep.enqueue_base else ''} "
-                         f"are more trials than n_trials = {sweep.n_trials}: raise --n-trials")
     warm = warm_plan(sweep, warm_start) if warm_start else None  # read and checked before anything is created
     preflight(sweep, cluster)
     home.announce(sweep.config["experiment"])

@@ -34,7 +34,7 @@ def trial_line(t, objective: str, retried_as: dict, epochs: int, cost: str = "")
     value = values_text(t, objective, cost) if state == "COMPLETE" else ""
     if state == "COMPLETE" and not feasible(t):
         over = t.constraints.get(CONSTRAINT)
-        value += f" (infeasible: epochs {over:+.1f} s over max_epoch_seconds)" if over is not None else " (infeasible)"
+        value += f" (infeasible: {over:.2g} s per epoch over max_epoch_seconds)" if over is not None else " (infeasible)"
     if state == "PRUNED":
         value = f"pruned at epoch {max(t.intermediate_values, default='?')} of {epochs}"
     elif state == "FAIL":
