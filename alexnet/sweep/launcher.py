@@ -39,7 +39,7 @@ from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
-from alexnet.sweep.spec import SPEC_ENV, Sweep, base_params, describe_space
+from alexnet.sweep.spec import COSTS, SPEC_ENV, Sweep, base_params, describe_space
 from alexnet.sweep.study import FINISHED_STATES, objective_value, open_study, ranked, seeded, study_lock, tally
 from alexnet.sweep.warm import WarmStart, enqueue, enqueued, seed
 from alexnet.sweep.warm import plan as warm_plan
@@ -119,6 +119,8 @@ def set_up(sweep: Sweep, workers: int, command: str, warm: WarmStart | None = No
                          "direction": sweep.direction, "cost": sweep.cost, "max_epoch_seconds": sweep.max_epoch_seconds,
                          "sweep_file": sweep.source, "mlflow_experiment": sweep.config["experiment"]}.items():
                 study.set_user_attr(k, v)
+            if sweep.cost:  # Optuna's plots and tables name the two values
+                study.set_metric_names([sweep.objective, COSTS[sweep.cost]])
         client = mlflow.MlflowClient()
         parent = existing_parent(attrs.get("mlflow_parent_run_id"))
         if parent is None:
@@ -160,7 +162,8 @@ def disk_plan(sweep: Sweep, workers: int) -> str:
     most = workers * 3 * one + min(sweep.keep_top, sweep.n_trials or sweep.keep_top) * 2 * one
     line = (f"disk: a trial writes up to {3 * one / 1e6:,.0f} MB ({one / 1e6:,.0f} MB each for last.pt, best.pt and "
             f"the model: {sizes.parameter_count(resize):,} parameters at resize {resize}); the top {sweep.keep_top} "
-            f"keep {2 * one / 1e6:,.0f} MB each, the others nothing: at most {most / 1e9:,.2f} GB")
+            f"{'and the Pareto front ' if sweep.cost else ''}keep {2 * one / 1e6:,.0f} MB each, the others nothing: "
+            f"at most {most / 1e9:,.2f} GB" + (" plus the front's" if sweep.cost else ""))
     if is_local_default(tracking_uri()):
         line += f", {shutil.disk_usage(artifacts_dir()).free / 1e9:,.1f} GB free in {artifacts_dir()}"
     return line

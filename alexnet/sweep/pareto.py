@@ -47,5 +47,8 @@ def format_front(table: pd.DataFrame, study: str) -> str:
     shown = table.rename(columns=lambda c: c.removeprefix("params."))
     if not (shown["seeded_from"] != "").any():
         shown = shown.drop(columns=["seeded_from"])
+    objective, cost = table.columns[1], table.columns[2]
+    formats = {objective: "{:.4f}".format, cost: "{:.3g}".format,
+               **{c: "{:.3g}".format for c in shown if c not in table.columns[:3] and shown[c].dtype.kind == "f"}}
     return (f"sweep {study!r}: Pareto front, {len(table)} trial{'s' if len(table) != 1 else ''} "
-            f"(cheapest first; no other trial is better on both)\n" + shown.to_string(index=False))
+            f"(cheapest first; no other trial is better on both)\n" + shown.to_string(index=False, formatters=formats))
