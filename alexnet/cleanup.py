@@ -6,8 +6,9 @@ The policy, what each run keeps:
   `last.pt` and its model: a `best.pt` beside them holds the model's weights again (tracking drops it as
   the run finishes; gc catches the runs from before);
 - a sweep's trials: the top `keep_top` FINISHED feasible trials of each study, by its objective, and in
-  a cost-aware sweep the trials on its Pareto front, keep their checkpoints and model; the others lose them (the sweep itself applies this after every trial; gc
-  catches sweeps stopped before it could). A running sweep's trials are left to the sweep;
+  a cost-aware sweep the trials on its Pareto front, keep their checkpoints and model; the others lose
+  them (the sweep itself applies this after every trial; gc catches sweeps stopped before it could). A
+  running sweep's trials are left to the sweep;
 - confirm runs (`alexnet confirm`): they are there for their metric; once ended, their checkpoints and
   model go (confirm drops them as each run ends);
 - params, metrics, tags, config and plots always stay;

@@ -201,10 +201,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     """Check, set up, start the workers (here, or on `cluster`, a `ray_workers.Cluster`), watch the
     study until they exit, then keep the top K and summarise. `warm_start`: `STUDY[@STORAGE]`, an
     earlier study whose fitting trials seed a new one; `enqueue_runs`: MLflow runs whose values of the
-    searched fields are queued as the first trials (`alexnet/sweep/warm.py`). Returns the summary plus 'status' (0 done,
-    1 a worker died or the count is not reached, 2 a worker refused its input, 130 interrupted). The
-    parent run ends FINISHED once the study is complete, KILLED when this command stopped short, and
-    stays RUNNING while other launchers' workers go on."""
+    searched fields are queued as the first trials (`alexnet/sweep/warm.py`). Returns the summary plus
+    'status' (0 done, 1 a worker died or the count is not reached, 2 a worker refused its input, 130
+    interrupted). The parent run ends FINISHED once the study is complete, KILLED when this command
+    stopped short, and stays RUNNING while other launchers' workers go on."""
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
     warm = warm_plan(sweep, warm_start) if warm_start else None  # read and checked before anything is created
