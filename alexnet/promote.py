@@ -31,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from alexnet import UsageError, checkpoint, disk, home, record, runs, store
 from alexnet.config import Config
+from alexnet.home import tracking_uri, where
 from alexnet.record import MD5_TAG
 from alexnet.redact import first_line, redact
 from alexnet.sweep.spec import format_params
@@ -141,7 +142,7 @@ def register(name: str, model, run, tags: dict[str, str], description: str):
         client.get_registered_model(name)
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise UsageError(f"promote: the store's model registry does not answer ({first_line(e)})") from None
+            raise
         client.create_registered_model(name, description=f"AlexNet on Fashion-MNIST (d2l 7.1): the winners of the "
                                                          f"experiment's sweeps, confirmed over fresh seeds "
                                                          f"(`alexnet promote`). The alias `{ALIAS}` is the one to ship.")
@@ -162,6 +163,11 @@ def promote(study: str, force: bool = False, quiet: bool = False) -> int:
     home.announce(name)
     confirmed = read_confirmation(parent, study)
     winner = check_winner(confirmed, study, force)
+    try:  # a store without a model registry is refused before a model is logged again for it
+        mlflow.MlflowClient().search_registered_models(max_results=1)
+    except MlflowException as e:
+        raise UsageError(f"promote: the store {redact(where(tracking_uri()))} has no model registry that answers "
+                         f"({first_line(e)}): use the local SQLite store or a tracking server on a database") from None
     run = winner_run(confirmed, winner, study)
     if run is None or run.info.status != "FINISHED":
         raise UsageError(f"promote: the winner, {winner['label']} of sweep {study!r}, has no FINISHED run "
