@@ -470,7 +470,7 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     monkeypatch.setattr(retention, "trial_runs", lambda *args, **kwargs: runs)
     deleted = []
     monkeypatch.setattr(disk, "delete_checkpoints", lambda run_id: deleted.append(run_id) or 0)
-    spec = NS(study="s", direction="maximize", keep_top=2, config={"experiment": "e"})
+    spec = NS(study="s", direction="maximize", keep_top=2, cost="", config={"experiment": "e"})
     retention.retain(study, spec)
     assert deleted == []  # the top 2 then were trials 0 and 1; trial 2 was still running
     retention.retain(study, spec)  # the next pass sees trial 2 finished and best
