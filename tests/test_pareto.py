@@ -150,6 +150,7 @@ def test_runs_pareto_prints_the_front_and_refuses_where_there_is_none(priced, mo
     client = priced["client"]
     flat = client.create_run(priced["parent"].info.experiment_id, tags={"sweep.study": "flat", "sweep.role": "parent"})
     client.log_param(flat.info.run_id, "objective", "maximize val/best_acc")
+    client.set_terminated(flat.info.run_id)
     assert cli.main(["runs", "--sweep", "flat", "--pareto"]) == 2
     assert "sweep 'flat' has one objective, so no Pareto front: a sweep file with cost = " in capsys.readouterr().err
 
