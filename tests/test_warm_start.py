@@ -135,7 +135,7 @@ def test_a_warm_start_seeds_the_fitting_trials_and_trains_none_of_them_again(war
     assert f"--enqueue {warm['queued'][1]}: not queued, seeded trial 1 measured its values already" in err
     assert "trial   0 COMPLETE" not in err  # seeded trials are not reported as this sweep's trials
     assert "sweep 'warm': 1 trials finished (1 COMPLETE, 0 PRUNED, 0 FAIL)" in out
-    assert "warm start: 3 more trials seeded from an earlier study (not trained here)" in out
+    assert f"warm start: 3 more trials seeded from study '{source}' (not trained here)" in out
 
     tags = warm["parent"].data.tags  # the parent run records where the study started from
     assert tags["sweep.warm_start"] == source and tags["sweep.warm_start.seeded"] == "3"

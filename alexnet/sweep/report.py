@@ -98,7 +98,8 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     disk.measure(parent)
     return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
             "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
-            "seeded": sum(map(seeded, trials)), "infeasible": sum(not feasible(t) for t in done)}
+            "seeded": sum(map(seeded, trials)), "warm_start": study.user_attrs.get("warm_start"),
+            "infeasible": sum(not feasible(t) for t in done)}
 
 
 def parent_note(sweep: Sweep, finished: int, counts: dict, best: list, saved: int, front: list = ()) -> str:
@@ -125,7 +126,7 @@ def summary_text(sweep: Sweep, s: dict) -> str:
              + (f", {len(s['running'])} still running" if s["running"] else "")
              + (f", {len(s['waiting'])} queued" if s["waiting"] else "")]
     if s.get("seeded"):
-        lines.append(f"warm start: {s['seeded']} more trials seeded from an earlier study (not trained here)")
+        lines.append(f"warm start: {s['seeded']} more trials seeded from study {s.get('warm_start')!r} (not trained here)")
     if s["best"]:
         b = s["best"][0]
         baseline = next((t for t in s["best"] if t.user_attrs.get("baseline")), None)
