@@ -5,9 +5,10 @@ The policy, what each run keeps:
 - a run of `alexnet train`: while it can be resumed (KILLED, FAILED, stale), everything; once FINISHED,
   `last.pt` and its model: a `best.pt` beside them holds the model's weights again (tracking drops it as
   the run finishes; gc catches the runs from before);
-- a sweep's trials: the top `keep_top` FINISHED trials of each study, by its objective, keep their
-  checkpoints and model; the others lose them (the sweep itself applies this after every trial; gc
-  catches sweeps stopped before it could). A running sweep's trials are left to the sweep;
+- a sweep's trials: the top `keep_top` FINISHED feasible trials of each study, by its objective, and in
+  a cost-aware sweep the trials on its Pareto front, keep their checkpoints and model; the others lose
+  them (the sweep itself applies this after every trial; gc catches sweeps stopped before it could). A
+  running sweep's trials are left to the sweep;
 - confirm runs (`alexnet confirm`): they are there for their metric; once ended, their checkpoints and
   model go (confirm drops them as each run ends);
 - params, metrics, tags, config and plots always stay;
@@ -28,6 +29,7 @@ from mlflow.tracking._tracking_service.utils import _get_store
 
 from alexnet import disk, runs, store
 from alexnet.store import CHECKPOINTS
+from alexnet.sweep.costs import non_dominated
 
 
 @dataclass
@@ -58,9 +60,14 @@ def trial_items(all_runs: list) -> list[Item]:
         objective, direction, _ = runs.study_objective(parent)
         keep_top = int(parent.data.params.get("keep_top", 3))
         trials = [r for r in all_runs if r.data.tags.get("sweep.study") == study and r.data.tags.get("sweep.role") == "trial"]
-        done = [r for r in trials if r.info.status == "FINISHED" and objective in r.data.metrics]
+        done = [r for r in trials if r.info.status == "FINISHED" and objective in r.data.metrics
+                and r.data.tags.get("sweep.feasible") != "false"]
         sign = -1 if direction == "maximize" else 1
         keep = {r.info.run_id for r in sorted(done, key=lambda r: (sign * r.data.metrics[objective], r.info.start_time))[:keep_top]}
+        cost = f"cost/{parent.data.params.get('cost')}"
+        priced = [r for r in done if cost in r.data.metrics]
+        keep |= {priced[i].info.run_id for i in non_dominated([[sign * r.data.metrics[objective], r.data.metrics[cost]]
+                                                               for r in priced])}
         for r in trials:
             if r.info.run_id in keep or r.info.status == "RUNNING" or r.data.tags.get("checkpoints") == "deleted":
                 continue

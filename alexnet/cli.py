@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "1, or 0 on a cluster without GPUs; a fraction such as 0.5 puts two workers on one GPU)")
     p.add_argument("--cpus-per-worker", type=float, metavar="C", help="with --ray: CPUs each worker asks for, also its "
                    "torch threads (default: 1)")
+    p.add_argument("--warm-start", metavar="STUDY[@STORAGE]", help="seed a new study with the COMPLETE trials of an "
+                   "earlier one that fit this space (same config outside it, values inside it); they are not trained "
+                   "again and do not count toward n_trials (STORAGE: default, this sweep's)")
+    p.add_argument("--enqueue", dest="enqueue", action="append", default=[], metavar="RUN_ID",
+                   help="queue this MLflow run's values of the searched fields as one of the first trials; repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the plan, then run 3 tiny trials in a temporary store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-trial lines")
     p.set_defaults(run=commands.cmd_sweep)
@@ -121,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_tracking_arg(p)
     p.set_defaults(run=commands.cmd_confirm)
+
+    p = sub.add_parser("promote", help="register a sweep's confirmed winner in MLflow's model registry as 'champion'",
+                       description="Read the study's confirmation (alexnet confirm's confirm.json on its parent run), "
+                                   "refuse a winner it did not find better than the baseline unless --force, and "
+                                   "register the winner's logged model (logged again from its best checkpoint if the "
+                                   "model is gone) as a version of the experiment's registered model (e.g. "
+                                   "alexnet-fashion-mnist), tagged with the study, the trial, the confirmation's "
+                                   "statistics and the data's digests, with the alias 'champion'. Load it with "
+                                   "mlflow.pytorch.load_model(\"models:/alexnet-fashion-mnist@champion\").")
+    p.add_argument("study", help="the study name (a sweep file's `study`, or its file name)")
+    p.add_argument("--force", action="store_true", help="promote the winner even though confirm did not find it "
+                   "better than the baseline beyond seed noise")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    add_tracking_arg(p)
+    p.set_defaults(run=commands.cmd_promote)
 
     p = sub.add_parser("runs", help="leaderboard of MLflow runs: filter, sort, CSV/JSON, learning curves",
                        description="One row per run, best first (by best validation accuracy where runs have a "
@@ -146,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     out.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.add_argument("--pareto", action="store_true", help="with --sweep: the Pareto front of a cost-aware sweep (its "
+                   "trials no other beats on both the objective and the cost), from its parent run's pareto.csv")
     p.add_argument("--plot", metavar="FILE", help="also draw the selected runs' learning curves in one PNG")
     p.add_argument("--kill-stale", action="store_true", help="mark the selected STALE runs KILLED (resumable)")
     add_tracking_arg(p)

@@ -154,6 +154,9 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         if args.ray:
             raise UsageError("--dry-run runs on this machine, in a temporary store: drop --ray")
+        if args.warm_start or args.enqueue:
+            raise UsageError("--dry-run runs in a temporary store, without earlier studies or runs: drop --warm-start "
+                             "and --enqueue")
         from alexnet.sweep.dry_run import dry_run
 
         return dry_run(sweep, args.workers, quiet=args.quiet)
@@ -172,7 +175,8 @@ def cmd_sweep(args) -> int:
     from alexnet import runs
     from alexnet.sweep import launcher, report
 
-    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster, waiting=waiting)
+    result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster, waiting=waiting,
+                                warm_start=args.warm_start, enqueue_runs=args.enqueue)
     print(report.summary_text(sweep, result))
     if not args.quiet:
         print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
@@ -188,12 +192,27 @@ def cmd_confirm(args) -> int:
     return confirm.confirm(args.study, top=args.top, seeds=args.seeds, storage=args.storage, quiet=args.quiet)
 
 
+def cmd_promote(args) -> int:
+    """A sweep's confirmed winner into MLflow's model registry, alias 'champion' (alexnet/promote.py)."""
+    from alexnet import promote
+
+    return promote.promote(args.study, force=args.force, quiet=args.quiet)
+
+
 def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/runs.py)."""
     from alexnet import home, runs, store
 
-    store.set_up_store(open_store=False)  # the board reads the store's tables itself (alexnet/query.py)
+    if args.pareto and not args.sweep:
+        raise UsageError("--pareto prints a sweep's Pareto front: name the sweep with --sweep STUDY")
+    # the board reads the store's tables itself (alexnet/query.py); the front goes through MLflow
+    store.set_up_store(open_store=args.pareto)
     home.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
+    if args.pareto:
+        from alexnet.sweep.pareto import format_front, read_front
+
+        print(format_front(read_front(runs.study_parent(args.sweep)), args.sweep))
+        return 0
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   role=args.role, sort=args.sort, reverse=args.reverse, limit=args.limit)
     board = runs.leaderboard(**select)
@@ -230,6 +249,10 @@ def cmd_runs(args) -> int:
         if len(others):
             print(f"and {len(others)} confirm runs of this sweep: alexnet runs --sweep {args.sweep} --role confirm",
                   file=sys.stderr)
+        tags = runs.study_parent(args.sweep).data.tags
+        if tags.get("sweep.warm_start"):  # seeded trials: measured by another study, no runs of their own here
+            print(f"and {tags.get('sweep.warm_start.seeded')} trials seeded from study {tags['sweep.warm_start']!r}: "
+                  f"alexnet runs --sweep {tags['sweep.warm_start'].split('@')[0]}", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The network's sizes without torch: the last feature map's side, the flatten width, the parameter count,
-and the bytes a run writes. The sweep launcher says how much a trial will write before it starts, and it
+the FLOPs of one image, and the bytes a run writes. The sweep launcher says how much a trial will write before it starts, and it
 never imports torch; `alexnet/model.py` builds the network from the same arithmetic.
 
 Only the standard library and `alexnet/__init__.py` are imported here: a logged model that imports
@@ -35,6 +35,19 @@ def flatten_width(resize: int) -> int:
 def parameter_count(resize: int) -> int:
     """Parameters of the chapter's network at `resize` (46,764,746 at 224)."""
     return CONV_PARAMETERS + flatten_width(resize) * 4096 + 4096 + FC_PARAMETERS
+
+
+def flops_per_image(resize: int) -> int:
+    """Forward multiply-adds x 2 of the conv and linear layers for one image (1,876,292,352 at 224), from
+    the layer sides alone: a cost-aware sweep prices a trial with it where torch is not imported.
+    `alexnet.model.flops_per_image` counts the same on the built network."""
+    conv1 = (resize - 11) // 4 + 1                  # 96 maps, 11x11 over 1 channel, stride 4
+    conv2 = (conv1 - 3) // 2 + 1                    # after a max-pool: 256 maps, 5x5 over 96
+    conv3 = (conv2 - 3) // 2 + 1                    # after a max-pool: 384, 384, 256 maps, 3x3
+    macs = conv1 ** 2 * 96 * 1 * 11 * 11 + conv2 ** 2 * 256 * 96 * 5 * 5 \
+        + conv3 ** 2 * (384 * 256 + 384 * 384 + 256 * 384) * 3 * 3 \
+        + flatten_width(resize) * 4096 + 4096 * 4096 + 4096 * 10
+    return 2 * macs
 
 
 def weights_bytes(resize: int) -> int:

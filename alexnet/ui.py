@@ -28,12 +28,15 @@ from alexnet import UsageError, home, runs, store, views
 from alexnet.home import artifacts_dir, is_local_default, where
 from alexnet.redact import redact
 
+HTML = "plots/sweep.html"  # a sweep's interactive plots on its parent run (alexnet/sweep/figures.py)
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) -> list[tuple[str, str]]:
     """(what it shows, URL) of the pages to open, their views written on the experiment first. With
-    `sweep`: the study's trials and the compare page of its `top` best FINISHED trials; else the
+    `sweep`: the study's trials, the compare page of its `top` best FINISHED trials, its interactive plots
+    (once the sweep wrote them) and the experiment's registered model (once one was promoted); else the
     experiment's runs and each of its studies' trials."""
     client = mlflow.MlflowClient()
     if sweep:
@@ -43,9 +46,16 @@ def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) ->
         best = runs.top_trials(sweep, exp_id, objective, direction, top)
         if not best:
             raise UsageError(f"ui: sweep {sweep!r} has no FINISHED trial to compare yet")
-        return [(f"sweep {sweep!r}: its trials, best {objective} first", sweep_page(base, client, sweep, parent)),
-                (f"sweep {sweep!r}: its top {len(best)} trials side by side",
-                 views.compare_url(base, [r.info.run_id for r in best], [exp_id]))]
+        found = [(f"sweep {sweep!r}: its trials, best {objective} first", sweep_page(base, client, sweep, parent)),
+                 (f"sweep {sweep!r}: its top {len(best)} trials side by side",
+                  views.compare_url(base, [r.info.run_id for r in best], [exp_id]))]
+        if HTML in {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}:
+            found.append((f"sweep {sweep!r}: its plots, interactive",
+                          views.artifact_url(base, exp_id, parent.info.run_id, HTML)))
+        name = client.get_experiment(exp_id).name
+        if client.search_registered_models(f"name = '{name}'"):
+            found.append((f"registered model {name!r}: its versions, the champion", views.model_url(base, name)))
+        return found
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return [(f"experiment {experiment!r} has no runs yet: the experiments", f"{base.rstrip('/')}/#/experiments")]

@@ -75,3 +75,13 @@ def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str
     runs = quote(json.dumps(run_ids, separators=(",", ":")))
     exps = quote(json.dumps(experiment_ids, separators=(",", ":")))
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}&{WORKFLOW}"
+
+
+def artifact_url(base: str, experiment_id: str, run_id: str, path: str) -> str:
+    """A run's artifact shown in the UI's artifact view (an HTML file rendered, its scripts run)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
+
+
+def model_url(base: str, name: str) -> str:
+    """A registered model's page: its versions and their aliases."""
+    return f"{base.rstrip('/')}/#/models/{quote(name)}"

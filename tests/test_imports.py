@@ -84,7 +84,8 @@ def test_every_module_imports_alone():
 
 
 FAST_PATHS = ["alexnet.cli", "alexnet.sweep.spec", "alexnet.sweep.launcher", "alexnet.sweep.dry_run", "alexnet.runs",
-              "alexnet.store", "alexnet.datafiles", "alexnet.home", "alexnet.redact", "alexnet.ui", "alexnet.disk"]
+              "alexnet.store", "alexnet.datafiles", "alexnet.home", "alexnet.redact", "alexnet.ui", "alexnet.disk",
+              "alexnet.sweep.pareto", "alexnet.sweep.warm", "alexnet.sizes"]
 
 
 def test_the_fast_paths_do_not_load_torch():

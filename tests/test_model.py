@@ -89,5 +89,14 @@ def test_flop_count_agrees_with_torchs_own_counter(resize):
     assert flops_per_image(resize) == counter.get_total_flops() // 4
 
 
+@pytest.mark.parametrize("resize", [67, 75, 96, 131, 224, 227])
+def test_the_torch_free_flop_count_agrees_with_the_networks(resize):
+    """`alexnet.sizes.flops_per_image` (what a cost-aware sweep's launcher and workers price trials with)
+    against the count on the built network."""
+    from alexnet import sizes
+
+    assert sizes.flops_per_image(resize) == flops_per_image(resize)
+
+
 def test_the_forward_pass_at_224_is_1_876_gflop():
     assert flops_per_image(224) == 1_876_292_352  # d2l 7.1's network, one 1x224x224 image

@@ -217,6 +217,16 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
     assert all(r.data.tags["checkpoints"] == "deleted" and not checkpoint_files(mixed["client"], r) for r in runs)
     parent = mixed["client"].get_run(mixed["parent"])
     assert parent.data.tags["confirm.verdict"] in out
+    # What `alexnet promote` reads from it (tests/test_promote.py writes the same keys).
+    confirmed = json.loads(Path(mixed["client"].download_artifacts(mixed["parent"], "confirm.json",
+                                                                    str(mixed["home"]))).read_text())
+    assert {"winner", "verdict", "beats_baseline", "winner_trial", "winner_run_id", "p_value", "seeds", "objective",
+            "direction", "final_test_metric", "configs"} <= set(confirmed)
+    winner = next(c for c in confirmed["configs"] if c["label"] == confirmed["winner"])
+    assert winner["run_id"] == mixed["study"].trials[winner["trial"]].user_attrs["mlflow_run_id"]
+    assert confirmed["beats_baseline"] == confirmed["verdict"].startswith("yes:")
+    assert all({"label", "params", "values", "mean", "std", "trial", "run_id", "test_values", "test_mean",
+                "test_std"} <= set(c) for c in confirmed["configs"])
 
 
 def test_a_trial_that_reaches_its_last_epoch_completes_and_is_never_pruned(tmp_path):
@@ -448,7 +458,8 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     from alexnet.sweep import retention
 
     def trial(number, state, value):
-        return NS(number=number, state=NS(name=state), value=value)
+        return NS(number=number, state=NS(name=state), values=None if value is None else [value], constraints={},
+                  user_attrs={})
 
     before = [trial(0, "COMPLETE", 0.5), trial(1, "COMPLETE", 0.4), trial(2, "RUNNING", None)]
     after = [trial(0, "COMPLETE", 0.5), trial(1, "COMPLETE", 0.4), trial(2, "COMPLETE", 0.9)]
@@ -459,7 +470,7 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     monkeypatch.setattr(retention, "trial_runs", lambda *args, **kwargs: runs)
     deleted = []
     monkeypatch.setattr(disk, "delete_checkpoints", lambda run_id: deleted.append(run_id) or 0)
-    spec = NS(study="s", direction="maximize", keep_top=2, config={"experiment": "e"})
+    spec = NS(study="s", direction="maximize", keep_top=2, cost="", config={"experiment": "e"})
     retention.retain(study, spec)
     assert deleted == []  # the top 2 then were trials 0 and 1; trial 2 was still running
     retention.retain(study, spec)  # the next pass sees trial 2 finished and best
@@ -531,6 +542,8 @@ def test_the_shipped_sweep_files_load_and_select_on_a_validation_split():
     assert default.config["resize"] == 224 and 224 in default.space["resize"]["choices"]
     smoke = load_sweep(ROOT / "sweeps" / "smoke.toml", ["resize=67"])
     assert "resize" not in smoke.space and smoke.config["resize"] == 67  # --set fixes a searched field
+    cost = load_sweep(ROOT / "sweeps" / "cost.toml")  # accuracy against FLOPs: two objectives, no pruner
+    assert (cost.cost, cost.pruner, cost.config["val_size"]) == ("flops", "none", 500) and "resize" in cost.space
 
 
 def test_dry_run_runs_the_machinery_tiny_in_a_temporary_store(tmp_path):

@@ -394,13 +394,13 @@ def test_a_write_that_fails_inside_torch_save_is_an_oserror_not_an_abort(tmp_pat
     beforehand is switched off), `save` raises the write's own OSError, leaves no file behind, and the
     process goes on: raised under torch's zip writer, the error would come out as "unexpected pos" and
     can abort the process."""
-    script = f"""
+    script = """
 import errno, sys, torch
 from pathlib import Path
 from alexnet import checkpoint
 checkpoint.check_room = lambda *args: None
 try:
-    checkpoint.save({{"w": torch.ones(1 << 20)}}, Path(sys.argv[1]) / "last.pt")
+    checkpoint.save({"w": torch.ones(1 << 20)}, Path(sys.argv[1]) / "last.pt")
 except OSError as e:
     print("OSError", errno.errorcode[e.errno])
 print("alive")

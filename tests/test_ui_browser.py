@@ -2,8 +2,9 @@
 makes it, two trained trials) and a plain run, and the URLs `alexnet ui` prints opened in headless
 Chromium (Debian's /usr/bin/chromium driven by Playwright). What the pages show is checked: the
 model-training view, not GenAI's; sorted by the objective, best first; the params and accuracies as
-columns; a sweep's trials as rows of their own; the compare page plotting the objective. Screenshots go
-to tests/artifacts/ (git-ignored)."""
+columns; a sweep's trials as rows of their own; the compare page plotting the objective; a sweep's
+interactive plots drawn in the artifact view; a promoted model's registry page with its alias.
+Screenshots go to tests/artifacts/ (git-ignored)."""
 
 import os
 import signal
@@ -12,11 +13,15 @@ import subprocess
 import sys
 
 import mlflow
+import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import create_trial
 
-from alexnet import cli, store, tracking, ui
+from alexnet import cli, promote, store, tracking, ui
 from alexnet import home as home_module
 from alexnet.config import Config
+from alexnet.sweep import figures
 from conftest import ROOT, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -248,3 +253,56 @@ def test_the_runs_page_and_a_runs_page_show_the_fashion_mnist_dataset_inputs(at_
         context = dataset_input.tags[0].value
         assert f"fashion-mnist ({dataset_input.dataset.digest})\n{context.title()}" in drawer, context
     assert "num rows: 256" in drawer and "Path: /" in drawer
+
+
+def test_a_sweeps_interactive_plots_render_in_the_artifact_view(at_store, page, tmp_path):
+    """The parent run's plots/sweep.html (Optuna's plotly plots, plotly.js inside the file) opened where
+    `alexnet ui --sweep` points: the UI renders it in a sandboxed frame, and the plots draw there."""
+    served = at_store
+    study = optuna.create_study(study_name="uis", direction="maximize")
+    space = {"lr": FloatDistribution(0.01, 0.5, log=True)}
+    for name, lr in RUNS.items():  # the served runs as a study: params, value, per-epoch values
+        if "trial" in name:
+            acc = served["runs"][name].data.metrics["test/best_acc"]
+            study.add_trial(create_trial(params={"lr": lr}, distributions=space, value=acc, intermediate_values={1: acc}))
+    study.add_trial(create_trial(params={"lr": 0.3}, distributions=space, value=0.12, intermediate_values={1: 0.12}))
+    titles = figures.save_html(study, tmp_path / "sweep.html", "test/best_acc")
+    parent = served["runs"]["uis"].info.run_id
+    mlflow.MlflowClient().log_artifact(parent, str(tmp_path / "sweep.html"), "plots")
+    pages = dict(ui.links(served["base"], store.DEFAULT_EXPERIMENT, sweep="uis", top=2))
+    url = pages["sweep 'uis': its plots, interactive"]
+    assert url.endswith(f"/runs/{parent}/artifacts/plots/sweep.html")
+    page.set_viewport_size({"width": 1600, "height": 1400})
+    page.goto(url)
+    frame = page.frame_locator("iframe.mlflow-html-iframe")
+    frame.locator(".js-plotly-plot").nth(len(titles) - 1).wait_for()
+    assert frame.locator(".js-plotly-plot").count() == len(titles) == 4
+    frame.locator("svg.main-svg").first.wait_for()  # plotly drew: its scripts ran inside the frame
+    assert "Optimisation history" in frame.locator("body").inner_text()
+    assert frame.locator(".js-plotly-plot .scatterlayer .point").count() >= 3  # the trials, as points
+    page.screenshot(path=SHOTS / "ui-sweep-plots.png")
+
+
+def test_the_registered_models_page_shows_the_promoted_version_and_its_alias(at_store, page):
+    """`alexnet promote uis` on the served store (its confirmation written as `alexnet confirm` writes it):
+    the registered model's page lists the version with the alias champion."""
+    served = at_store
+    winner = served["runs"]["uis-trial-1"]
+    configs = [{"label": label, "params": {"lr": lr}, "values": v, "mean": sum(v) / 3, "std": 0.01, "sweep": v[0],
+                "trial": trial, "run_id": run_id, "test_values": v, "test_mean": sum(v) / 3, "test_std": 0.01}
+               for label, lr, v, trial, run_id in [("baseline = trial 0", 0.05, [0.1, 0.11, 0.12], 0, None),
+                                                   ("trial 1", 0.2, [0.2, 0.21, 0.22], 1, winner.info.run_id)]]
+    mlflow.MlflowClient().log_dict(served["runs"]["uis"].info.run_id, {
+        "objective": "test/best_acc", "direction": "maximize", "seeds": [1000, 1001, 1002], "p_value": 0.001,
+        "winner": "trial 1", "verdict": "yes: trial 1 beats the baseline", "beats_baseline": True, "winner_trial": 1,
+        "winner_run_id": winner.info.run_id, "final_test_metric": "test/acc", "configs": configs}, "confirm.json")
+    assert promote.promote("uis", quiet=True) == 0
+    pages = dict(ui.links(served["base"], store.DEFAULT_EXPERIMENT, sweep="uis", top=2))
+    url = pages["registered model 'alexnet-fashion-mnist': its versions, the champion"]
+    assert url == f"{served['base']}/#/models/alexnet-fashion-mnist"
+    page.goto(url)
+    page.get_by_text("Version 1").first.wait_for()
+    page.get_by_text("@ champion").first.wait_for()
+    body = page.inner_text("body")
+    assert "alexnet-fashion-mnist" in body and "Version 2" not in body
+    page.screenshot(path=SHOTS / "ui-registered-model.png")

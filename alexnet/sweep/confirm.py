@@ -38,7 +38,7 @@ from alexnet import UsageError, disk, home, store
 from alexnet.config import Config
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import format_params
-from alexnet.sweep.study import load_study, ranked
+from alexnet.sweep.study import load_study, objective_value, ranked
 from alexnet.tracking import NOTE, tracked_train
 from alexnet.train import Diverged
 
@@ -67,14 +67,17 @@ def choose(study, top: int) -> dict:
     for t in best:
         key = json.dumps(t.params, sort_keys=True)
         if key not in top_configs and len(top_configs) < top:
-            top_configs[key] = {"label": f"trial {t.number}", "params": t.params, "sweep": t.value}
+            top_configs[key] = {"label": f"trial {t.number}", "params": t.params, "sweep": objective_value(t),
+                                "trial": t.number, "run_id": t.user_attrs.get("mlflow_run_id")}
     base_key = json.dumps(base_params, sort_keys=True)
     if base_key in top_configs:
         top_configs[base_key]["label"] = f"baseline = {top_configs[base_key]['label']}"
         return {base_key: top_configs.pop(base_key), **top_configs}
     base_trial = next((t for t in best if t.user_attrs.get("baseline")), None)
     return {base_key: {"label": f"baseline = trial {base_trial.number}" if base_trial else "baseline",
-                       "params": base_params, "sweep": base_trial.value if base_trial else None}, **top_configs}
+                       "params": base_params, "sweep": objective_value(base_trial) if base_trial else None,
+                       "trial": base_trial.number if base_trial else None,
+                       "run_id": base_trial.user_attrs.get("mlflow_run_id") if base_trial else None}, **top_configs}
 
 
 def test_metric(base_config: dict) -> str:
@@ -198,12 +201,16 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
           + "; ".join(f"{c['label']} {c['test_mean']:.4f} +/- {c['test_std']:.4f}" for c in shown))
 
     client = mlflow.MlflowClient()
+    # `alexnet promote` reads it: the winner, whether it beat the baseline, its sweep trial and run.
     client.log_dict(parent, {"objective": objective, "direction": direction, "seeds": seed_list, "alpha": ALPHA,
                              "test": "Welch's t-test, one-sided", "p_value": None if math.isnan(p) else p,
                              "winner": winner["label"] if winner else None, "verdict": words,
+                             "beats_baseline": words.startswith("yes:"),
+                             "winner_trial": winner["trial"] if winner else None,
+                             "winner_run_id": winner["run_id"] if winner else None,
                              "final_test_metric": final,
-                             "configs": [{k: c[k] for k in ("label", "params", "values", "mean", "std", "sweep",
-                                                            "test_values", "test_mean", "test_std")}
+                             "configs": [{k: c[k] for k in ("label", "params", "values", "mean", "std", "sweep", "trial",
+                                                            "run_id", "test_values", "test_mean", "test_std")}
                                          for c in rows]}, "confirm.json")
     client.set_tag(parent, "confirm.verdict", words[:5000])
     return 0

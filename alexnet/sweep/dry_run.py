@@ -14,7 +14,7 @@ from alexnet.home import default_storage, tracking_uri, where
 from alexnet.redact import redact
 from alexnet.sweep.launcher import run_sweep
 from alexnet.sweep.parent import trial_runs
-from alexnet.sweep.spec import Sweep, base_params, describe_space, format_params
+from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space, format_params
 
 
 def dry_run_sweep(sweep: Sweep, workers: int) -> Sweep:
@@ -67,7 +67,10 @@ def plan_text(sweep: Sweep, workers: int) -> str:
     budget = " and ".join(x for x in [f"{sweep.n_trials} trials" if sweep.n_trials else "",
                                       f"{sweep.timeout_minutes:g} minutes" if sweep.timeout_minutes else ""] if x)
     return "\n".join([
-        f"would run study {sweep.study!r}: {budget}, {sweep.direction} {sweep.objective}, {sweep.sampler} sampler "
+        f"would run study {sweep.study!r}: {budget}, {sweep.direction} {sweep.objective}"
+        + (f" and minimize {COSTS[sweep.cost]} (a Pareto front)" if sweep.cost else "")
+        + (f", epochs of at most {sweep.max_epoch_seconds:g} s" if sweep.max_epoch_seconds else "")
+        + f", {sweep.sampler} sampler "
         f"(seed {sweep.seed}), {sweep.pruner} pruner, {workers} worker{'s' if workers > 1 else ''}",
         f"  space: {describe_space(sweep.space)}",
         f"  each trial: {c['epochs']} epochs, batch {c['batch_size']}, "

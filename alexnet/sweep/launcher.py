@@ -39,8 +39,10 @@ from alexnet.sweep.parent import existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
 from alexnet.sweep import local_workers
-from alexnet.sweep.spec import Sweep, base_params, describe_space
-from alexnet.sweep.study import FINISHED_STATES, open_study, ranked, study_lock, tally
+from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space
+from alexnet.sweep.study import FINISHED_STATES, objective_value, open_study, ranked, seeded, study_lock, tally
+from alexnet.sweep.warm import WarmStart, enqueue, enqueued, seed
+from alexnet.sweep.warm import plan as warm_plan
 from alexnet.views import NOTE
 
 UNCOMPARED = {"device", "data_dir", "num_workers", "run_name"}  # may differ between resumes
@@ -70,9 +72,10 @@ def preflight(sweep: Sweep, cluster=None) -> None:
             raise UsageError(f"sweep: cannot make the folder of the Optuna storage {path} ({e.strerror})") from None
 
 
-def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
-    """Once, in the launching process, under the lock: the study, the parent run, the base trial.
-    Returns (study, parent run id, first worker slot)."""
+def set_up(sweep: Sweep, workers: int, command: str, warm: WarmStart | None = None,
+           runs: list[tuple[str, dict]] = ()) -> tuple:
+    """Once, in the launching process, under the lock: the study (a new one seeded from `warm`), the
+    parent run, the base trial and the `--enqueue` runs. Returns (study, parent run id, first worker slot)."""
     with study_lock(sweep):
         study = open_study(sweep)  # creates the tables once, before any worker opens the file
         exp_id = store.experiment_id(sweep.config["experiment"])
@@ -86,14 +89,18 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
                 raise UsageError(f"sweep: study {sweep.study!r} was started with {k} = {old.get(k)!r}, now "
                                  f"{fixed.get(k)!r}: run it as it started, or name a new study (study = ... in the file)")
             if attrs.get("space") != json.loads(json.dumps(sweep.space)) or attrs.get("direction") != sweep.direction \
-                    or attrs.get("objective") != sweep.objective:
-                raise UsageError(f"sweep: study {sweep.study!r} was started with another search space or objective: "
-                                 f"name a new study (study = ... in the file)")
-        else:
+                    or attrs.get("objective") != sweep.objective or attrs.get("cost", "") != sweep.cost \
+                    or attrs.get("max_epoch_seconds", 0.0) != sweep.max_epoch_seconds:
+                raise UsageError(f"sweep: study {sweep.study!r} was started with another search space, objective, cost "
+                                 f"or constraint: name a new study (study = ... in the file)")
+        started_from = seed(study, attrs, sweep, warm)  # a new study only, before its first trial is queued
+        if "base_config" not in attrs:
             for k, v in {"base_config": sweep.config, "space": sweep.space, "objective": sweep.objective,
-                         "direction": sweep.direction, "sweep_file": sweep.source,
-                         "mlflow_experiment": sweep.config["experiment"]}.items():
+                         "direction": sweep.direction, "cost": sweep.cost, "max_epoch_seconds": sweep.max_epoch_seconds,
+                         "sweep_file": sweep.source, "mlflow_experiment": sweep.config["experiment"]}.items():
                 study.set_user_attr(k, v)
+            if sweep.cost:  # Optuna's plots and tables name the two values
+                study.set_metric_names([sweep.objective, COSTS[sweep.cost]])
         client = mlflow.MlflowClient()
         parent = existing_parent(attrs.get("mlflow_parent_run_id"))
         if parent is None:
@@ -102,7 +109,8 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
                 "experiment_file": sweep.source, "command": redact(command),
                 NOTE: parent_note(sweep, 0, {s: 0 for s in FINISHED_STATES}, [], 0)}).info.run_id
             client.log_param(parent, "objective", f"{sweep.direction} {sweep.objective}")
-            for k in ("sampler", "seed", "pruner", "keep_top"):
+            for k in ("sampler", "seed", "pruner", "keep_top") + (("cost",) if sweep.cost else ()) \
+                    + (("max_epoch_seconds",) if sweep.max_epoch_seconds else ()):
                 client.log_param(parent, k, getattr(sweep, k))
             for name, spec in sweep.space.items():
                 client.log_param(parent, f"space.{name}", describe_space({name: spec}))
@@ -111,9 +119,14 @@ def set_up(sweep: Sweep, workers: int, command: str) -> tuple:
         else:
             client.update_run(parent, status="RUNNING")
         client.set_tag(parent, "sweep.n_trials", str(sweep.n_trials))
-        if sweep.enqueue_base and not attrs.get("base_enqueued"):
+        # A seeded trial with the base's own values is the baseline already: it is not trained again.
+        if sweep.enqueue_base and not attrs.get("base_enqueued") \
+                and not any(seeded(t) and t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
             study.enqueue_trial(base_params(sweep), user_attrs={"baseline": True})
             study.set_user_attr("base_enqueued", True)
+        started_from.update(enqueue(study, attrs, runs))
+        for k, v in started_from.items():
+            client.set_tag(parent, k, v)
         first_slot = attrs.get("workers_started", 0)
         study.set_user_attr("workers_started", first_slot + workers)
     return study, parent, first_slot
@@ -129,7 +142,8 @@ def disk_plan(sweep: Sweep, workers: int) -> str:
     most = workers * 3 * one + min(sweep.keep_top, sweep.n_trials or sweep.keep_top) * 2 * one
     line = (f"disk: a trial writes up to {3 * one / 1e6:,.0f} MB ({one / 1e6:,.0f} MB each for last.pt, best.pt and "
             f"the model: {sizes.parameter_count(resize):,} parameters at resize {resize}); the top {sweep.keep_top} "
-            f"keep {2 * one / 1e6:,.0f} MB each, the others nothing: at most {most / 1e9:,.2f} GB")
+            f"{'and the Pareto front ' if sweep.cost else ''}keep {2 * one / 1e6:,.0f} MB each, the others nothing: "
+            f"at most {most / 1e9:,.2f} GB" + (" plus the front's" if sweep.cost else ""))
     if is_local_default(tracking_uri()):
         line += f", {shutil.disk_usage(artifacts_dir()).free / 1e9:,.1f} GB free in {artifacts_dir()}"
     return line
@@ -143,27 +157,33 @@ def worker_orders(sweep: Sweep, slot: int, parent: str, deadline: float, threads
 
 
 def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str = "", cluster=None,
-              waiting: list | None = None) -> dict:
+              waiting: list | None = None, warm_start: str | None = None, enqueue_runs: list[str] = ()) -> dict:
     """Check, set up, start the workers (here, or on `cluster`, a `ray_workers.Cluster`), watch the
     study until they exit, then keep the top K and summarise. `waiting`: this machine's workers, already
-    started (`local_workers.start`; else they are started here), importing while the checks run. Returns
-    the summary plus 'status' (0 done, 1 a worker died or the count is not reached, 2 a worker refused
-    its input, 130 interrupted). The parent run ends FINISHED once the study is complete, KILLED when this
-    command stopped short, and stays RUNNING while other launchers' workers go on."""
+    started (`local_workers.start`; else they are started here), importing while the checks run.
+    `warm_start`: `STUDY[@STORAGE]`, an earlier study whose fitting trials seed a new one; `enqueue_runs`:
+    MLflow runs whose values of the searched fields are queued as the first trials (`alexnet/sweep/warm.py`).
+    Returns the summary plus 'status' (0 done, 1 a worker died or the count is not reached, 2 a worker
+    refused its input, 130 interrupted). The parent run ends FINISHED once the study is complete, KILLED
+    when this command stopped short, and stays RUNNING while other launchers' workers go on."""
     if workers < 1:
         raise UsageError(f"sweep: --workers must be >= 1, got {workers}")
     if cluster is None and waiting is None:
         waiting = local_workers.start(workers, sweep.config["device"])
     try:
+        warm = warm_plan(sweep, warm_start) if warm_start else None  # read and checked before anything is created
         preflight(sweep, cluster)
         home.announce(sweep.config["experiment"])
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv))
+        runs = enqueued(sweep, list(enqueue_runs))
+        study, parent, first_slot = set_up(sweep, workers, command or " ".join(sys.argv), warm, runs)
     except BaseException:
         local_workers.dismiss(waiting or [])  # they exit having touched nothing
         raise
     print(disk_plan(sweep, workers), file=sys.stderr)  # also with --quiet: it is what the disk must hold
     say = (lambda line: None) if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    if warm is not None:
+        say(warm.line())
     done, running, _ = tally(study)
     placed = cluster.describe(workers) if cluster else f"{workers} worker{'s' if workers > 1 else ''}"
     say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
@@ -243,7 +263,8 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
     """Until the workers exit: one line per finished trial, a progress bar with the best value so far.
     Ctrl-C stops the workers (their trials end KILLED and are queued again) and returns 130."""
     done, _, _ = tally(study)
-    seen, failed_once, warned = {t.number for t in done}, set(), []
+    seen = {t.number for t in done} | {t.number for t in study.get_trials(deepcopy=False) if seeded(t)}
+    failed_once, warned = set(), []
     bar = tqdm(total=sweep.n_trials or None, initial=len(done), unit="trial", disable=True if quiet else None,
                dynamic_ncols=True, desc=f"sweep {sweep.study}", file=sys.stderr)
 
@@ -258,12 +279,12 @@ def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
                     failed_once.add(t.number)
                     continue
                 seen.add(t.number)
-                say(trial_line(t, sweep.objective, retried_as, sweep.config["epochs"]))
+                say(trial_line(t, sweep.objective, retried_as, sweep.config["epochs"], sweep.cost))
         finished, _, _ = tally(study, trials)
         bar.n = len(finished)
         best = ranked(study, sweep.direction, trials)
         if best:
-            bar.set_postfix_str(f"best {best[0].value:.4f} (trial {best[0].number})", refresh=False)
+            bar.set_postfix_str(f"best {objective_value(best[0]):.4f} (trial {best[0].number})", refresh=False)
         bar.refresh()
 
     def poll_quietly(final=False):

@@ -1,13 +1,17 @@
 """One trial, as optuna-examples writes an objective: suggest the params, train with the very same
 `tracked_train` a single run uses (the trial is a child MLflow run of the study's parent), report every
-epoch to the pruner, return the objective's last value."""
+epoch to the pruner, return the objective's last value; in a cost-aware sweep, that value and the
+trial's cost (Optuna cannot prune a multi-objective study: nothing is reported). Every trial that trained
+records what it cost (`costs.measure`) and, with `max_epoch_seconds`, its constraint."""
 
 from __future__ import annotations
 
+import mlflow
 import optuna
 
 from alexnet.config import FIELDS, Config
 from alexnet.redact import redact
+from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, format_params
 from alexnet.tracking import NOTE, StopRun, tracked_train
 from alexnet.train import Diverged
@@ -25,13 +29,29 @@ def suggest(trial, space: dict) -> dict:
     return params
 
 
-def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release) -> float:
+def settle(trial, sweep: Sweep, cfg: Config, records: list, run_id: str) -> dict:
+    """What the trial cost, in its user attributes; with `max_epoch_seconds`, its constraint, and an
+    infeasible trial's run tagged `sweep.feasible=false` (`alexnet gc` reads it)."""
+    measured = costs.measure(records, cfg.resize)
+    trial.set_user_attr("measured", measured)
+    for key, value in costs.constraints(sweep, measured).items():
+        trial.set_constraint(key, value)
+        if value > 0:
+            mlflow.MlflowClient().set_tag(run_id, "sweep.feasible", "false")
+    return measured
+
+
+def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release) -> float | tuple[float, float]:
     params = suggest(trial, sweep.space)  # under the study lock: other workers' constant liar sees these
     release()  # the trial is RUNNING, with its params and a heartbeat: others may count it now
     cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
+    seen, started = [], {}
 
     def report(record, run_id):
+        seen.append(record)
         value = record.metrics()[sweep.objective]
+        if sweep.cost:
+            return  # a multi-objective study takes no reports and cannot prune
         trial.report(value, record.epoch)
         # A trial that has trained its last epoch completes: pruning it then would save nothing.
         if record.epoch < cfg.epochs and trial.should_prune():
@@ -43,9 +63,10 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
 
     try:
         run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot),
-                            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                            on_start=lambda run_id: started.update(run_id=run_id) or trial.set_user_attr("mlflow_run_id", run_id),
                             on_epoch=report, progress=False, objective=sweep.objective)
     except StopRun as e:
+        settle(trial, sweep, cfg, seen, started["run_id"])
         raise optuna.TrialPruned(f"pruned at epoch {e.tags['sweep.pruned_epoch']}") from None
     except Exception as e:
         trial.set_user_attr("fail_reason", redact(f"{'diverged' if isinstance(e, Diverged) else type(e).__name__}: {e}")[:2000])
@@ -53,7 +74,13 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the worker queues the trial again
         trial.set_user_attr("fail_reason", "interrupted")
         raise
-    return run.records[-1].metrics()[sweep.objective]
+    value = run.records[-1].metrics()[sweep.objective]
+    measured = settle(trial, sweep, cfg, run.records, run.run_id)
+    if not sweep.cost:
+        return value
+    cost = costs.cost_of(sweep.cost, measured)
+    mlflow.MlflowClient().log_metric(run.run_id, f"cost/{sweep.cost}", cost)  # beside the objective in the UI
+    return value, cost
 
 
 def trial_tags(trial, sweep: Sweep, slot: int) -> dict[str, str]:

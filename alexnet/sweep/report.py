@@ -1,32 +1,40 @@
 """What a sweep says when it is done, to the user and on its parent run: one line per finished trial,
-the summary (counts, the best trial and the baseline, disk), and on the parent run the counts, the best
-params, `trials.csv` and Optuna's own plots."""
+the summary (counts, the best trial and the baseline, the Pareto front of a cost-aware sweep, disk), and
+on the parent run the counts, the best params, `trials.csv`, `pareto.csv` and Optuna's own plots (PNGs and
+one interactive HTML page, `alexnet/sweep/figures.py`)."""
 
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import mlflow
-import optuna
-import optuna.importance  # noqa: F401 (fANOVA: 0.9 s to import, paid while the trials run)
-import optuna.visualization.matplotlib as vis
 
 from alexnet import disk
 from alexnet.redact import redact
+from alexnet.sweep import figures
+from alexnet.sweep.costs import CONSTRAINT, describe
+from alexnet.sweep.pareto import FILE as PARETO_FILE, front_table
 from alexnet.sweep.retention import disk_usage
-from alexnet.sweep.spec import Sweep, describe_space, format_params
+from alexnet.sweep.spec import COSTS, Sweep, describe_space, format_params
 from alexnet.views import NOTE
-from alexnet.sweep.study import FINISHED_STATES, ranked, tally
+from alexnet.sweep.study import FINISHED_STATES, feasible, objective_value, pareto_front, ranked, seeded, tally
 
 
-def trial_line(t, objective: str, retried_as: dict, epochs: int) -> str:
-    """One line per finished trial: number, state, value, params, duration, and why it ended early."""
+def values_text(t, objective: str, cost: str = "") -> str:
+    """`val/best_acc 0.3220`, and in a cost-aware sweep `, flops 3.39e+08`."""
+    text = f"{objective} {objective_value(t):.4f}"
+    return text + (f", {describe(cost, t.values[1])}" if cost and len(t.values) > 1 else "")
+
+
+def trial_line(t, objective: str, retried_as: dict, epochs: int, cost: str = "") -> str:
+    """One line per finished trial: number, state, value(s), params, duration, and why it ended early."""
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else 0
     state = t.state.name
-    value = f"{objective} {t.value:.4f}" if state == "COMPLETE" else ""
+    value = values_text(t, objective, cost) if state == "COMPLETE" else ""
+    if state == "COMPLETE" and not feasible(t):
+        over = t.constraints.get(CONSTRAINT)
+        value += f" (infeasible: {over:.2g} s per epoch over max_epoch_seconds)" if over is not None else " (infeasible)"
     if state == "PRUNED":
         value = f"pruned at epoch {max(t.intermediate_values, default='?')} of {epochs}"
     elif state == "FAIL":
@@ -40,79 +48,75 @@ def trial_line(t, objective: str, retried_as: dict, epochs: int) -> str:
 
 
 def summarize(study, sweep: Sweep, parent: str) -> dict:
-    """The parent run gets the counts, the best params and value, trials.csv and the plots."""
+    """The parent run gets the counts, the best params and value, trials.csv, a cost-aware sweep's Pareto
+    front (pareto.csv) and the plots (PNGs and plots/sweep.html)."""
     client = mlflow.MlflowClient()
-    done, running, waiting = tally(study)
+    trials = study.get_trials(deepcopy=False)
+    done, running, waiting = tally(study, trials)
     counts = {s: sum(t.state.name == s for t in done) for s in FINISHED_STATES}
-    best = ranked(study, sweep.direction)
+    best = ranked(study, sweep.direction, trials)
+    front = pareto_front(trials, [sweep.direction, "minimize"]) if sweep.cost else []
     client.log_metric(parent, "sweep/finished_trials", len(done), step=len(done))
     for s, n in counts.items():
         client.log_metric(parent, f"sweep/{s.lower()}", n, step=len(done))
     epochs = sweep.config["epochs"]
     saved = sum(epochs - max(t.intermediate_values, default=epochs) for t in done if t.state.name == "PRUNED")
     client.log_metric(parent, "sweep/epochs_saved_by_pruning", saved, step=len(done))
+    if sweep.max_epoch_seconds:
+        client.log_metric(parent, "sweep/infeasible", sum(not feasible(t) for t in done), step=len(done))
     if best:
         b = best[0]
-        client.log_metric(parent, "sweep/best_value", b.value, step=len(done))
+        client.log_metric(parent, "sweep/best_value", objective_value(b), step=len(done))
         client.set_tag(parent, "best.trial", str(b.number))
         client.set_tag(parent, "best.run_id", b.user_attrs.get("mlflow_run_id", ""))
-        client.set_tag(parent, "best.value", f"{b.value:.6g}")
+        client.set_tag(parent, "best.value", f"{objective_value(b):.6g}")
         for k, v in b.params.items():
             client.set_tag(parent, f"best.{k}", str(v))
-        client.log_dict(parent, {"trial": b.number, "value": b.value, "objective": sweep.objective,
+        client.log_dict(parent, {"trial": b.number, "value": objective_value(b), "objective": sweep.objective,
                                  "params": b.params, "mlflow_run_id": b.user_attrs.get("mlflow_run_id")},
                         "best_params.json")
+    if sweep.cost:
+        client.log_metric(parent, "sweep/pareto_size", len(front), step=len(done))
     with tempfile.TemporaryDirectory(prefix="alexnet-sweep-") as tmp:
         csv = Path(tmp) / "trials.csv"
         # Trials' user attributes hold error messages, which may quote a URL with its password.
         table = study.trials_dataframe().map(lambda v: redact(v) if isinstance(v, str) else v)
         table.to_csv(csv, index=False)
         client.log_artifact(parent, str(csv))
-        plots = save_plots(study, Path(tmp) / "plots")
+        if sweep.cost:
+            front_table(trials, sweep.objective, sweep.direction, sweep.cost).to_csv(Path(tmp) / PARETO_FILE, index=False)
+            client.log_artifact(parent, str(Path(tmp) / PARETO_FILE))
+        folder = Path(tmp) / "plots"
+        plots = figures.save_pngs(study, folder, sweep.objective, sweep.cost)
+        if figures.save_html(study, folder / figures.HTML, sweep.objective, sweep.cost):
+            plots.append(figures.HTML)
         if plots:
-            client.log_artifacts(parent, str(Path(tmp) / "plots"), "plots")
+            client.log_artifacts(parent, str(folder), "plots")
     used = disk_usage(sweep)
     client.log_metric(parent, "sweep/disk_bytes", used, step=len(done))
-    client.set_tag(parent, NOTE, parent_note(sweep, len(done), counts, best, saved))
+    client.set_tag(parent, NOTE, parent_note(sweep, len(done), counts, best, saved, front))
     disk.measure(parent)
     return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
-            "plots": plots, "disk": used, "epochs_saved": saved}
+            "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
+            "seeded": sum(map(seeded, trials)), "warm_start": study.user_attrs.get("warm_start"),
+            "infeasible": sum(not feasible(t) for t in done)}
 
 
-def parent_note(sweep: Sweep, finished: int, counts: dict, best: list, saved: int) -> str:
+def parent_note(sweep: Sweep, finished: int, counts: dict, best: list, saved: int, front: list = ()) -> str:
     """The parent run's description in MLflow's UI: the study, then where it stands."""
-    lines = [f"Sweep '{sweep.study}' (Optuna): {sweep.direction} {sweep.objective} over {describe_space(sweep.space)}; "
+    goal = f"{sweep.direction} {sweep.objective}" + (f" and minimize {COSTS[sweep.cost]}" if sweep.cost else "")
+    bound = f", epochs of at most {sweep.max_epoch_seconds:g} s on average" if sweep.max_epoch_seconds else ""
+    lines = [f"Sweep '{sweep.study}' (Optuna): {goal}{bound} over {describe_space(sweep.space)}; "
              f"{sweep.sampler} sampler, {sweep.pruner} pruner. Its trials are this run's child runs."]
     lines.append(f"{finished} of {sweep.n_trials or 'unlimited'} trials finished "
                  f"({', '.join(f'{n} {k}' for k, n in counts.items())}); pruning saved {saved} epochs.")
     if best:
-        lines.append(f"Best: trial {best[0].number}, {sweep.objective} {best[0].value:.4f}: {format_params(best[0].params)}.")
+        lines.append(f"Best: trial {best[0].number}, {values_text(best[0], sweep.objective, sweep.cost)}: "
+                     f"{format_params(best[0].params)}.")
+    if front:
+        lines.append("Pareto front (cheapest first; pareto.csv, plots/pareto_front.png, plots/sweep.html): " + "; ".join(
+            f"trial {t.number} ({values_text(t, sweep.objective, sweep.cost)})" for t in front) + ".")
     return "\n\n".join(lines)
-
-
-def save_plots(study, folder: Path) -> list[str]:
-    """Optuna's own matplotlib plots, headless. A plot that needs more trials than there are is skipped."""
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = []
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" is said by the summary
-    for name, plot in [("optimization_history", vis.plot_optimization_history),
-                       ("param_importances", vis.plot_param_importances),
-                       ("parallel_coordinate", vis.plot_parallel_coordinate),
-                       ("intermediate_values", vis.plot_intermediate_values)]:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = plot(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5.5)
-            fig.tight_layout()
-            fig.savefig(folder / f"{name}.png", dpi=100)
-            saved.append(f"{name}.png")
-        except Exception:
-            pass  # e.g. importances need two COMPLETE trials with different params
-        finally:
-            plt.close("all")
-    return saved
 
 
 def summary_text(sweep: Sweep, s: dict) -> str:
@@ -121,17 +125,29 @@ def summary_text(sweep: Sweep, s: dict) -> str:
     lines = [f"sweep {sweep.study!r}: {len(s['done'])} trials finished ({counts})"
              + (f", {len(s['running'])} still running" if s["running"] else "")
              + (f", {len(s['waiting'])} queued" if s["waiting"] else "")]
+    if s.get("seeded"):
+        lines.append(f"warm start: {s['seeded']} more trials seeded from study {s.get('warm_start')!r} (not trained here)")
     if s["best"]:
         b = s["best"][0]
         baseline = next((t for t in s["best"] if t.user_attrs.get("baseline")), None)
-        lines.append(f"best: trial {b.number}, {sweep.objective} {b.value:.4f}: {format_params(b.params)}"
-                     + (f" (baseline, trial {baseline.number}: {baseline.value:.4f})" if baseline and baseline is not b else ""))
+        lines.append(f"best: trial {b.number}, {values_text(b, sweep.objective, sweep.cost)}: {format_params(b.params)}"
+                     + (f" (seeded from {b.user_attrs['seeded_from']})" if seeded(b) else "")
+                     + (f" (baseline, trial {baseline.number}: {objective_value(baseline):.4f})"
+                        if baseline and baseline is not b else ""))
+    if sweep.max_epoch_seconds and s["done"]:
+        lines.append(f"constraint: {s['infeasible']} of {len(s['done'])} trials took more than "
+                     f"{sweep.max_epoch_seconds:g} s per epoch (infeasible: never ranked or kept)")
+    if sweep.cost:
+        lines.append(f"Pareto front ({sweep.objective} against {COSTS[sweep.cost]}, cheapest first): "
+                     + ("; ".join(f"trial {t.number} {values_text(t, sweep.objective, sweep.cost)}" for t in s["front"])
+                        or "none yet"))
     if sweep.pruner != "none" and s["done"]:
         budget = len(s["done"]) * sweep.config["epochs"]
         lines.append(f"pruning: {s['counts']['PRUNED']} of {len(s['done'])} trials stopped early, saving "
                      f"{s['epochs_saved']} of {budget} epochs ({s['epochs_saved'] / budget:.0%})")
     lines.append(f"disk: {s['disk'] / 1e6:,.1f} MB in the trials' artifacts (checkpoints and models of the top "
-                 f"{sweep.keep_top} kept)")
-    lines.append(f"MLflow parent run {s['parent']}; leaderboard: alexnet runs --sweep {sweep.study}; "
-                 f"confirm: alexnet confirm {sweep.study} --top 3 --seeds 3")
+                 f"{sweep.keep_top}{' and of the Pareto front' if sweep.cost else ''} kept)")
+    lines.append(f"MLflow parent run {s['parent']}; leaderboard: alexnet runs --sweep {sweep.study}"
+                 + (" (--pareto: the front)" if sweep.cost else "")
+                 + f"; confirm: alexnet confirm {sweep.study} --top 3 --seeds 3")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
-"""Disk in a sweep: only the top `keep_top` trials keep their checkpoints and models; the others' are
+"""Disk in a sweep: only the top `keep_top` trials keep their checkpoints and models (in a cost-aware
+sweep, the trials on the Pareto front too: a cheaper model may be the one to ship); the others' are
 deleted once they can no longer be needed (never a running trial's). Params, metrics and plots stay.
+The ranking is of the trials this study trained: trials seeded from an earlier study have no files here.
 Callers hold the study lock, so two processes never delete the same run's artifacts."""
 
 from __future__ import annotations
@@ -7,16 +9,19 @@ from __future__ import annotations
 from alexnet import disk
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import Sweep
-from alexnet.sweep.study import FINISHED_STATES, ranked
+from alexnet.sweep.study import FINISHED_STATES, pareto_front, ranked, seeded
 
 
 def retain(study, sweep: Sweep) -> int:
-    """Delete the checkpoints and models of finished trials outside the top `keep_top` (pruned,
-    failed, retried or pushed out); never a running trial's. Returns the bytes freed."""
+    """Delete the checkpoints and models of finished trials outside the top `keep_top` and the Pareto
+    front (pruned, failed, infeasible, retried or pushed out); never a running trial's. Returns the bytes
+    freed."""
     # The ranking and the states come from one snapshot: a trial that completes in between must not
     # look finished yet missing from the top (another worker's trial can end at any moment).
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not seeded(t)]
     keep = {t.number for t in ranked(study, sweep.direction, trials)[:sweep.keep_top]}
+    if sweep.cost:
+        keep |= {t.number for t in pareto_front(trials, [sweep.direction, "minimize"])}
     states = {t.number: t.state.name for t in trials}
     freed = 0
     for run in trial_runs(sweep.study, experiment=sweep.config["experiment"]):

@@ -29,16 +29,23 @@ class Sweep:
     # --- Keys of a sweep file (sweeps/*.toml), besides the tables [space] and [set] ---
     study: str = _f("", "study name (Optuna) and parent run name (MLflow); empty: the file's name")
     base: str = _f("", "experiment file every trial starts from, relative to the sweep file; empty: the defaults")
-    n_trials: int = _f(20, "trials to finish in all, across workers and resumes; 0: no count, only the time budget")
+    n_trials: int = _f(20, "trials to finish in all, across workers and resumes (trials seeded by --warm-start are not "
+                           "counted: they are not trained); 0: no count, only the time budget")
     timeout_minutes: float = _f(0.0, "stop starting new trials after this many minutes of this command; 0: none")
     objective: str = _f("val/best_acc", "the per-epoch metric reported to the pruner; its last value is the trial's (never a test/ metric: the test set is for the final figure only)")
     direction: str = _f("maximize", "maximize or minimize the objective")
+    cost: str = _f("", "a second objective, minimised: seconds (a trial's training time), flops (FLOPs per trained "
+                       "image, 3x the forward pass at its resize) or inverse_throughput (seconds per training "
+                       "example); the study then has a Pareto front and cannot prune; empty: none")
+    max_epoch_seconds: float = _f(0.0, "a constraint: a trial whose epochs take longer on average is infeasible and "
+                                       "never ranked best (one objective, pruning kept); 0: none")
     sampler: str = _f("tpe", "tpe (multivariate, constant liar) or random; both seeded")
     seed: int = _f(0, "sampler seed of the study's first worker; each later worker gets the next one")
     pruner: str = _f("median", "median, hyperband or none; a trial that reaches its last epoch is never pruned")
     pruner_startup_trials: int = _f(5, "median pruner: trials that must finish before any is pruned")
     pruner_warmup_epochs: int = _f(1, "epochs every trial trains before it may be pruned")
-    keep_top: int = _f(3, "keep the checkpoints and models of this many best trials; params, metrics, plots always stay")
+    keep_top: int = _f(3, "keep the checkpoints and models of this many best trials (and of a cost-aware sweep's Pareto "
+                          "front); params, metrics, plots always stay")
     enqueue_base: bool = _f(True, "run the base experiment's own values as the first trial (the baseline to beat)")
     heartbeat_seconds: int = _f(10, "a running trial writes a heartbeat this often")
     grace_seconds: int = _f(60, "a trial silent this long is failed (its worker died) and retried with the same params")
@@ -53,6 +60,9 @@ class Sweep:
 FILE_KEYS = {f.name for f in dataclasses.fields(Sweep) if "help" in f.metadata}
 SPEC_KEYS = ("low", "high", "log", "step", "choices")
 SAMPLERS, PRUNERS, DIRECTIONS = ("tpe", "random"), ("median", "hyperband", "none"), ("maximize", "minimize")
+# A cost-aware sweep's second objective, always minimised: its name -> what it measures, in words.
+COSTS = {"seconds": "training seconds", "flops": "FLOPs per trained image",
+         "inverse_throughput": "seconds per training example"}
 
 
 # The keys of `EpochRecord.metrics()` with a validation split (listed here so that checking a sweep file
@@ -85,6 +95,8 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
                 table[f.name] = float(table[f.name])
             elif type(table[f.name]).__name__ != f.type:
                 raise UsageError(f"{where}: {f.name} must be {f.type}, got {table[f.name]!r}")
+    if table.get("cost") and "pruner" not in table:
+        table["pruner"] = "none"  # a multi-objective study cannot prune: a cost alone turns the default off
     sweep = Sweep(**table)
     cli = parse_sets(list(sets))
 
@@ -110,6 +122,8 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         "timeout_minutes": (sweep.timeout_minutes >= 0, ">= 0"),
         "objective": (sweep.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         "direction": (sweep.direction in DIRECTIONS, " or ".join(DIRECTIONS)),
+        "cost": (sweep.cost in ("", *COSTS), ", ".join(COSTS) + ", or leave it out"),
+        "max_epoch_seconds": (sweep.max_epoch_seconds >= 0, ">= 0; 0: no constraint"),
         "sampler": (sweep.sampler in SAMPLERS, " or ".join(SAMPLERS)),
         "pruner": (sweep.pruner in PRUNERS, ", ".join(PRUNERS)),
         "seed": (sweep.seed >= 0, ">= 0"),
@@ -124,6 +138,10 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         if not ok:
             raise UsageError(f"{where}: {name} = {getattr(sweep, name)!r} is not allowed (use {allowed})")
     check_objective(where, sweep.objective, config)
+    if sweep.cost and sweep.pruner != "none":
+        raise UsageError(f"{where}: cost = {sweep.cost!r} makes the study multi-objective, and Optuna cannot prune a "
+                         f"multi-objective study: set pruner = \"none\", or keep one objective and pruning and bound "
+                         f"the cost with a constraint instead (max_epoch_seconds = S)")
     if n_trials is not None:
         if n_trials < 0:
             raise UsageError(f"sweep: --n-trials must be >= 0, got {n_trials}")
@@ -237,6 +255,11 @@ def describe_space(space: dict) -> str:
 
 def format_params(params: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def directions(sweep: Sweep) -> list[str]:
+    """The study's directions: the objective's, then, in a cost-aware sweep, the cost's (minimised)."""
+    return [sweep.direction] + (["minimize"] if sweep.cost else [])
 
 
 def base_params(sweep: Sweep) -> dict:

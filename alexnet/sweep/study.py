@@ -21,14 +21,17 @@ import zlib
 import optuna
 import sqlalchemy
 from filelock import FileLock
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from alexnet import UsageError
+from alexnet.config import FIELDS
 from alexnet.home import SQLITE_TIMEOUT_S, default_storage, mlruns_dir, sqlite_path
 from alexnet.redact import first_line, redact
+from alexnet.sweep.costs import non_dominated
 from alexnet.sweep.parent import end_trial_runs
-from alexnet.sweep.spec import Sweep
+from alexnet.sweep.spec import Sweep, directions
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -78,9 +81,22 @@ def make_pruner(sweep: Sweep):
 
 
 def open_study(sweep: Sweep, seed: int | None = None) -> optuna.Study:
-    return optuna.create_study(storage=open_storage(sweep), study_name=sweep.study, direction=sweep.direction,
+    return optuna.create_study(storage=open_storage(sweep), study_name=sweep.study, directions=directions(sweep),
                                sampler=make_sampler(sweep, sweep.seed if seed is None else seed),
                                pruner=make_pruner(sweep), load_if_exists=True)
+
+
+def distributions(space: dict) -> dict:
+    """The Optuna distribution of each searched field, as `objective.suggest` draws it."""
+    out = {}
+    for name, s in space.items():
+        if "choices" in s:
+            out[name] = CategoricalDistribution(s["choices"])
+        elif FIELDS[name].type == "int":
+            out[name] = IntDistribution(s["low"], s["high"], step=s["step"] or 1, log=s["log"])
+        else:
+            out[name] = FloatDistribution(s["low"], s["high"], step=s["step"], log=s["log"])
+    return out
 
 
 def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.Study:
@@ -148,12 +164,30 @@ def study_lock(sweep: Sweep):
 
 # --- Counting -----------------------------------------------------------------------------------------
 
+def seeded(t) -> bool:
+    """A trial seeded from an earlier study (`alexnet sweep --warm-start`): a finished trial that this
+    study never trained and has no MLflow run of its own."""
+    return "seeded_from" in t.user_attrs
+
+
+def objective_value(t) -> float | None:
+    """The trial's objective (the first of a cost-aware study's two values)."""
+    return t.values[0] if t.values else None
+
+
+def feasible(t) -> bool:
+    """A trial within the sweep's constraint (`max_epoch_seconds`), as Optuna counts it: every constraint
+    value <= 0. A trial without one is feasible."""
+    return all(v <= 0 for v in t.constraints.values())
+
+
 def tally(study, trials: list | None = None):
-    """(finished, running, waiting) trials. A trial failed because its worker died and queued again
-    does not count: its retry does."""
+    """(finished, running, waiting) trials this study trained: seeded trials are not counted (`n_trials`
+    counts trials to train), and a trial failed because its worker died and queued again does not count:
+    its retry does."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    done = [t for t in trials if t.state.is_finished() and t.number not in retried]
+    done = [t for t in trials if t.state.is_finished() and t.number not in retried and not seeded(t)]
     return (done, [t for t in trials if t.state == TrialState.RUNNING],
             [t for t in trials if t.state == TrialState.WAITING])
 
@@ -169,9 +203,24 @@ def next_step(study, sweep: Sweep, deadline: float) -> str:
     return "wait" if running else "stop"
 
 
+def complete(trials: list) -> list:
+    """The COMPLETE, feasible trials with finite values: those a ranking or a front may hold."""
+    return [t for t in trials if t.state.name == "COMPLETE" and t.values and all(map(math.isfinite, t.values))
+            and feasible(t)]
+
+
 def ranked(study, direction: str | None = None, trials: list | None = None) -> list:
-    """COMPLETE trials (of `trials`, else the study's now), best first (ties: the earlier trial first)."""
+    """COMPLETE, feasible trials (of `trials`, else the study's now), best first by the objective (a
+    cost-aware study's first value; ties: the earlier trial first). Infeasible trials are never ranked."""
     sign = -1 if (direction or study.user_attrs.get("direction", "maximize")) == "maximize" else 1
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
-    return sorted(done, key=lambda t: (sign * t.value, t.number))
+    return sorted(complete(trials), key=lambda t: (sign * objective_value(t), t.number))
+
+
+def pareto_front(trials: list, directions: list[str]) -> list:
+    """The non-dominated COMPLETE, feasible trials, cheapest first: no other such trial is at least as
+    good in every value and better in one (Optuna's `best_trials`, over a given snapshot)."""
+    signs = [1 if d == "minimize" else -1 for d in directions]
+    done = complete(trials)
+    front = [done[i] for i in non_dominated([[s * v for s, v in zip(signs, t.values)] for t in done])]
+    return sorted(front, key=lambda t: (t.values[-1], t.number))
