@@ -102,7 +102,7 @@ class StepTimer:
         import importlib
         import threading
 
-        self.seconds, self.saved = {}, []
+        self.seconds, self.calls, self.saved = {}, {}, []
         for what, module, attr in STEPS:
             owner = importlib.import_module(module)
             *path, name = attr.split(".")
@@ -118,6 +118,7 @@ class StepTimer:
                     where = "main" if threading.current_thread() is threading.main_thread() else "beside"
                     key = (_what, where)
                     self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+                    self.calls[_what] = self.calls.get(_what, 0) + 1
 
             self.saved.append((owner, name, original))
             setattr(owner, name, timed)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             print(f"warm-up (1 epoch, untimed): plain {t_plain:.1f} s, tracked {t_tracked:.1f} s", flush=True)
 
         kinds = list(KINDS) if args.breakdown else ["plain", "tracked"]
-        rows, steps = [], {}
+        rows, steps, calls = [], {}, {}
         for i in range(args.rounds):
             for kind in kinds if i % 2 == 0 else kinds[::-1]:
                 timer = StepTimer() if args.steps and kind == "tracked" else None
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
                         timer.restore()
                         for key, t in timer.seconds.items():
                             steps[key] = steps.get(key, 0.0) + t / args.rounds
+                        for what, n in timer.calls.items():
+                            calls[what] = calls.get(what, 0) + n / args.rounds
                 epochs = sum(r.epoch_seconds for r in records)
                 rows.append({"round": i + 1, "kind": kind, "seconds": seconds, "epoch_seconds": epochs,
                              "test_acc": records[-1].test_acc, "each_epoch": [r.epoch_seconds for r in records]})
@@ -222,6 +225,12 @@ def main(argv=None) -> int:
                 for where in ("main", "beside"):
                     if (what, where) in steps:
                         print(f"    {what:<44} {where:<7}{steps[what, where]:7.3f} s")
+            # A full copy of the weights is serialized for last.pt each epoch and for the model once a run;
+            # best.pt is a hard link to the last.pt of the epoch that improved.
+            copies = calls.get("checkpoint write and checksum", 0) / cfg.epochs
+            print(f"  weight copies written per epoch: {copies:.2f} (last.pt); best.pt linked to it "
+                  f"{calls.get('best.pt from last.pt', 0):.0f} times a run, never copied; the model "
+                  f"{calls.get('the model: build, save, log', 0):.0f} time a run")
         if args.json:
             import platform
 
@@ -236,7 +245,8 @@ def main(argv=None) -> int:
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
                       "later_epoch_seconds": per_epoch,
                       "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt,
-                      "steps": [{"step": w, "thread": t, "seconds": v} for (w, t), v in steps.items()]}
+                      "steps": [{"step": w, "thread": t, "seconds": v, "calls_per_run": calls.get(w, 0)}
+                                for (w, t), v in steps.items()]}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     finally:
         if args.keep:

@@ -156,6 +156,10 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
                          ("checkpoint write and checksum", "beside"), ("learning curves", "beside")]:
         assert any(line.split() and line.strip().startswith(step) and f" {thread} " in line for line in lines), step
 
+    # One full copy of the weights serialized per epoch (last.pt), best.pt only ever linked, the model once.
+    copies = next(line for line in lines if line.startswith("  weight copies written per epoch: "))
+    assert copies.startswith("  weight copies written per epoch: 1.00 (last.pt)") and copies.endswith("the model 1 time a run")
+
     record = json.loads(out.read_text())
     rows = record["rounds"]
     assert [r["kind"] for r in rows] == ["plain", "tracked", "no-write", "metrics-only"]

@@ -213,14 +213,10 @@ def test_ctrl_c_stops_the_ui_and_its_server(served):
     assert proc.returncode == 0 and "ui: stopping" in err, err[-3000:]
     assert err.startswith("alexnet: store sqlite:///") and "experiment 'alexnet-fashion-mnist'" in err.splitlines()[0]
 
-    def port_free():
+    def nothing_listens():  # (binding would also fail on the port's TIME_WAIT connections, which are not a server)
         with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-    wait_for(port_free, 30, "its server's port to be free again")  # its server and workers are gone
+            return s.connect_ex(("127.0.0.1", port)) != 0
+    wait_for(nothing_listens, 30, "its server's port to be closed")  # its server and workers are gone
 
 
 def test_ui_refuses_an_unknown_sweep_before_starting(home, capsys):
