@@ -23,10 +23,13 @@ import tempfile
 import time
 import tomllib
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout, installed or not
+
+from benchmarks.leaderboard import cpu_name  # noqa: E402
 
 DEFAULT = ["resize=67", "epochs=2", "train_limit=1024", "val_size=500", "test_limit=500", "batch_size=64",
            "eval_batch_size=500"]
@@ -141,10 +144,14 @@ def main(argv=None) -> int:
         print(f"the sweep's start: {to_first_run:.2f} s from its launch to its first trial's run, against "
               f"{tracked_start:.2f} s for a tracked `alexnet train`: {start:+.2f} s (target <= {TARGET_START_S:g} s); "
               f"a plain process's start-up (torch, the data) takes {reference['startup_seconds']:.2f} s")
-        print(f"the sweep's end: {end:.2f} s after its last trial (target <= {TARGET_END_S:g} s)")
+        print(f"the sweep's end: {end:.2f} s after its last trial (target <= {TARGET_END_S:g} s); "
+              f"machine: {cpu_name()}, {os.cpu_count()} CPUs")
         if args.json:
             record = {"kind": "sweep_overhead", "timestamp": started.isoformat(timespec="seconds"),
                       "host": platform.node(), "command": " ".join(sys.argv), "cpus": os.cpu_count(),
+                      "machine": {"cpu": cpu_name(), "cpus": os.cpu_count()},
+                      "versions": {"python": platform.python_version(),
+                                   **{p: metadata.version(p) for p in ("torch", "mlflow", "optuna")}},
                       "settings": sets, "trials": rows, "per_trial_seconds": per_trial,
                       "plain_startup_seconds": reference["startup_seconds"], "start_seconds": start,
                       "sweep_to_first_run_seconds": to_first_run, "tracked_to_run_seconds": tracked_start,
