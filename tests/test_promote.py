@@ -120,7 +120,7 @@ def test_promote_registers_the_confirmed_winner_as_champion_tagged_with_where_it
     assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == [champion.version]
 
 
-def test_the_readme_snippet_loads_the_champion_and_predicts_on_real_test_images(at_store, tmp_path):
+def test_the_readme_snippet_loads_the_champion_and_predicts_on_real_test_images(at_store, tmp_path, private_tmp):
     """The README's snippet under "### Promote the winner", as it stands there, in a fresh process from the
     project folder that cannot import `alexnet` (the model carries it)."""
     snippet = (ROOT / "README.md").read_text().split("### Promote the winner")[1].split("```python\n")[1].split("```")[0]
@@ -165,7 +165,7 @@ def test_promote_refuses_in_one_line_what_confirm_did_not_find_better_unless_for
     assert forced.tags["promoted.forced"] == "true" and forced.tags["confirm.beats_baseline"] == "false"
 
 
-def test_a_winner_without_its_model_is_logged_again_from_its_best_checkpoint(at_store, capsys):
+def test_a_winner_without_its_model_is_logged_again_from_its_best_checkpoint(at_store, capsys, private_tmp):
     client = mlflow.MlflowClient()
     parent = sweep_parent(client, "relog", "relog-experiment", None)
     run = trial_run("relog", parent, 0.05, experiment="relog-experiment")

@@ -273,7 +273,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
         assert state["epoch"] == 1 and "model" in state
         [model] = client.search_logged_models([best.info.experiment_id], f"source_run_id = '{best.info.run_id}'")
         import torch
-        net = mlflow.pytorch.load_model(model.model_uri)
+        net = mlflow.pytorch.load_model(model.model_uri, dst_path=str(tmp_path))
         assert net(torch.zeros(2, 1, 67, 67)).shape == (2, 10)
     finally:
         mlflow.set_tracking_uri(None)
@@ -347,7 +347,7 @@ def test_push_moves_a_local_sweep_to_the_team_servers_where_it_resumes(postgres,
     import torch
     mlflow.set_tracking_uri(uri)
     try:
-        assert mlflow.pytorch.load_model(model.model_uri)(torch.zeros(1, 1, 67, 67)).shape == (1, 10)
+        assert mlflow.pytorch.load_model(model.model_uri, dst_path=str(tmp_path))(torch.zeros(1, 1, 67, 67)).shape == (1, 10)
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -53,7 +53,7 @@ def tracked(one_run, monkeypatch):
     return cfg, run
 
 
-def test_run_records_params_metrics_tags_config_and_curves(tracked):
+def test_run_records_params_metrics_tags_config_and_curves(tracked, private_tmp):
     cfg, run = tracked
     client = mlflow.MlflowClient()
     got = client.get_run(run.run_id)
@@ -84,7 +84,7 @@ def test_run_records_params_metrics_tags_config_and_curves(tracked):
     assert int(tags["disk_bytes"]) == disk.run_disk_usage(run.run_id) > 2 * 10**7
 
 
-def test_checkpoints_and_model_read_back(tracked):
+def test_checkpoints_and_model_read_back(tracked, private_tmp):
     cfg, run = tracked
     client = mlflow.MlflowClient()
     last = checkpoint.fetch(run.run_id, "last")
@@ -122,7 +122,7 @@ def test_checkpoints_and_model_read_back(tracked):
     assert pyfunc.predict(example).shape == (4, 10)
 
 
-def test_the_logged_model_loads_where_alexnet_is_not_installed(tracked, tmp_path):
+def test_the_logged_model_loads_where_alexnet_is_not_installed(tracked, tmp_path, private_tmp):
     """A fresh process in another folder, with no `alexnet` to import: the model brings its own code. (The
     virtualenv has this checkout installed in editable mode: its finder is taken out first, as if the
     package were not installed.)"""
@@ -151,7 +151,7 @@ print("/code/alexnet/" in sys.modules["alexnet"].__file__)
     assert result.stdout.split() == ["RawImages", "(3,", "10)", str(cfg.resize), "True"]
 
 
-def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path):
+def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path, private_tmp):
     """The README's "Load the model" snippet, as it stands there, run in a fresh process from the project
     folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
     the `~/.cache/alexnet` the snippet reads the test images from: this machine's cache."""
