@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -133,21 +132,14 @@ def serve(database: str, artifacts: str, host: str, port: int, allowed_hosts: st
     storage = url.set(database=optuna_db).render_as_string()
     RDBStorage(storage).engine.dispose()  # Optuna's tables, made once
     proc, base = start(url.set(database=mlflow_db).render_as_string(), artifacts, host, port, allowed_hosts)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the server too (finally below)
-    try:
-        print(f"server: databases {mlflow_db} and {optuna_db} on {redact(url.render_as_string())}"
-              f"{f' (created {len(created)})' if created else ''}; artifacts in {artifacts}; starting mlflow server ...",
-              file=sys.stderr)
-        ui.wait_ready(proc, base, what="server: mlflow server")
+
+    def ready():
         print("# on every worker (and the database password as PGPASSWORD, or in ~/.pgpass):")
         print(f"export MLFLOW_TRACKING_URI={advertised_url(host, port, allowed_hosts)}")
         print(f"export ALEXNET_STORAGE={storage}", flush=True)
         print(f"server: ready at {base}; server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
-        proc.wait()
-        print(f"server: mlflow server exited ({proc.returncode}); log: {proc.log_path}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("server: stopping", file=sys.stderr)
-        return 0
-    finally:
-        ui.stop(proc)
+
+    return ui.serve_until_stopped(proc, base, "server: mlflow server",
+                                  f"server: databases {mlflow_db} and {optuna_db} on {redact(url.render_as_string())}"
+                                  f"{f' (created {len(created)})' if created else ''}; artifacts in {artifacts}; "
+                                  f"starting mlflow server ...", ready)

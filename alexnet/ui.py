@@ -166,20 +166,31 @@ def serve(host: str, port: int, allowed_hosts: str | None, experiment: str, swee
         runs.study_parent(sweep, "ui")  # an unknown study is refused before the server starts
     artifact_root = artifacts_dir().as_uri() if is_local_default(uri) else None
     proc, base = start(uri, artifact_root, host, port, allowed_hosts)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` too stops the server (finally below)
-    try:
-        print(f"ui: starting the MLflow UI on {redact(where(uri))} ...", file=sys.stderr)
-        wait_ready(proc, base)
+
+    def ready():
         found = links(base, experiment, sweep, top)
         print_links(found)
         print(f"ui: server log {proc.log_path}; Ctrl-C stops it", file=sys.stderr)
         if open_browser:
             webbrowser.open(found[0][1])
+
+    return serve_until_stopped(proc, base, "ui: mlflow ui", f"ui: starting the MLflow UI on {redact(where(uri))} ...",
+                               ready)
+
+
+def serve_until_stopped(proc: subprocess.Popen, base: str, what: str, starting: str, ready) -> int:
+    """Once `proc` (an MLflow server, `what`: "ui: mlflow ui") answers, `ready()` says what to open or export;
+    then wait. Returns 1 if the server exits by itself (its log named), 0 on Ctrl-C; stopped either way."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` too stops the server (finally below)
+    try:
+        print(starting, file=sys.stderr)
+        wait_ready(proc, base, what=what)
+        ready()
         proc.wait()
-        print(f"ui: mlflow ui exited ({proc.returncode}); log: {proc.log_path}", file=sys.stderr)
+        print(f"{what} exited ({proc.returncode}); log: {proc.log_path}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ui: stopping", file=sys.stderr)
+        print(f"{what.split(':')[0]}: stopping", file=sys.stderr)
         return 0
     finally:
         stop(proc)
