@@ -104,6 +104,12 @@ def train_here(cfg: Config, tags: dict, quiet: bool) -> str:
     return tracking.tracked_train(cfg, tags=tags, progress=not quiet).run_id
 
 
+def last_line(stderr: bytes) -> str:
+    """git's reason, in one line (its last: 'patch does not apply', 'invalid reference: ...')."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1][:300] if lines else "no message"
+
+
 def train_in_worktree(commit: str, patch: bytes, cfg: Config, tags: dict, quiet: bool) -> str:
     """Train `cfg` with the code of `commit` plus `patch`, in a temporary git worktree (removed
     afterwards), logging to this store. Returns the new run's id."""
@@ -112,7 +118,7 @@ def train_in_worktree(commit: str, patch: bytes, cfg: Config, tags: dict, quiet:
         added = checkout.git("worktree", "add", "--detach", "--quiet", str(tree), commit, check=False)
         if added.returncode != 0:
             raise UsageError(f"cannot check out commit {commit} in a temporary worktree "
-                             f"({added.stderr.decode().strip().splitlines()[-1:]}): is it in this repository? (git fetch)")
+                             f"({last_line(added.stderr)}): is it in this repository? (git fetch)")
         try:
             if patch:
                 (Path(tmp) / record.PATCH).write_bytes(patch)
@@ -120,7 +126,7 @@ def train_in_worktree(commit: str, patch: bytes, cfg: Config, tags: dict, quiet:
                                        cwd=tree, check=False)
                 if applied.returncode != 0:
                     raise UsageError(f"the run's {record.PATCH} does not apply to commit {commit}: "
-                                     f"{applied.stderr.decode().strip()[:300]}")
+                                     f"{last_line(applied.stderr)}")
             config.write_text(to_toml(cfg))
             # The worktree is a project of its own (it has a pyproject.toml): point it at this one's stores.
             env = {**os.environ, "ALEXNET_HOME": str(project_root()), "MLFLOW_TRACKING_URI": tracking_uri(),

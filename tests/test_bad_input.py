@@ -46,6 +46,7 @@ def world(tmp_path_factory):
     (files / "sweep-binary.toml").write_bytes(b"\xff\xfe\x00garbage")
     (files / "sweep-unknown.toml").write_text("n_trial = 3\n" + SWEEP)
     (files / "sweep-inverted.toml").write_text(SWEEP.replace("low = 0.001, high = 0.1", "low = 0.1, high = 0.001"))
+    (files / "sweep-split.toml").write_text(SWEEP.replace("[space]\n", "[space]\nsplit_seed = { low = 0, high = 5 }\n"))
     (files / "a-file").write_text("not a folder")
     (files / "empty").mkdir()
     corrupt = files / "corrupt"
@@ -103,6 +104,7 @@ CASES = [
     (["sweep", f"{F}/sweep-binary.toml"], "not a text file"),
     (["sweep", f"{F}/sweep-unknown.toml"], "unknown key 'n_trial'"),
     (["sweep", f"{F}/sweep-inverted.toml"], "low 0.1 > high 0.001"),
+    (["sweep", f"{F}/sweep-split.toml"], "space.split_seed: the validation split decides what trials are compared on"),
     (["sweep", f"{F}/sweep.toml", "--storage", "oracle+oracledb://u@db/x"], "only sqlite, postgresql, mysql"),
     (["sweep", f"{F}/sweep.toml", "--storage", f"sqlite:///{F}/a-file/optuna.db"], "cannot make the folder"),
     (["sweep", f"{F}/sweep.toml", "--workers", "0"], "--workers: want 1 or more"),

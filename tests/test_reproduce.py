@@ -223,3 +223,21 @@ def test_a_run_from_a_dirty_work_tree_is_reproduced_from_its_patch(tmp_path):
     git(clone, "commit", "--quiet", "--allow-empty", "-m", "later")
     refused = in_clone(clone, home, "reproduce", dirty.info.run_id, check=False)
     assert refused.returncode == 2 and f"trained at commit {dirty.data.tags['git.commit']}" in refused.stderr
+
+
+def test_a_commit_or_patch_git_cannot_use_is_refused_in_one_line(home):
+    """git's own multi-line complaints come down to one line, and no worktree is left registered."""
+    from alexnet import UsageError, reproduce
+
+    before = checkout.git("worktree", "list", "--porcelain", check=False).stdout
+    with pytest.raises(UsageError) as missing:
+        reproduce.train_in_worktree("0" * 40, b"", Config(), {}, quiet=True)
+    head = checkout.git("rev-parse", "HEAD").stdout.decode().strip()
+    broken = b"diff --git a/nosuch.py b/nosuch.py\n--- a/nosuch.py\n+++ b/nosuch.py\n@@ -1 +1 @@\n-a\n+b\n"
+    with pytest.raises(UsageError) as unapplied:
+        reproduce.train_in_worktree(head, broken, Config(), {}, quiet=True)
+    for error, start in ((missing, f"cannot check out commit {'0' * 40} in a temporary worktree ("),
+                         (unapplied, f"the run's {record.PATCH} does not apply to commit {head}: ")):
+        message = str(error.value)
+        assert message.startswith(start) and "\n" not in message and "[" not in message, message
+    assert checkout.git("worktree", "list", "--porcelain", check=False).stdout == before

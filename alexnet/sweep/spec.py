@@ -181,10 +181,19 @@ def check_storage(url: str) -> str:
     return url
 
 
+# Fields that decide which images a trial is judged on: searching them would rank trials on different
+# validation (or test) sets, and choosing the split is itself a selection on the data.
+FIXED_DATA = {"val_size": "the validation split's size decides what trials are compared on",
+              "split_seed": "the validation split decides what trials are compared on",
+              "test_limit": "the test set is never searched over"}
+
+
 def _check_space(where: str, name: str, spec, config: Config, enqueue_base: bool) -> dict:
     """One [space] entry, checked: every value it can take must make a valid config."""
     check_keys([name], f"{where} [space]")
     where = f"{where}: space.{name}"
+    if name in FIXED_DATA:
+        raise UsageError(f"{where}: {FIXED_DATA[name]}: fix it for every trial in [set] instead")
     if not isinstance(spec, dict):
         raise UsageError(f"{where}: want a table like {{ low = 0.001, high = 0.1, log = true }} or {{ choices = [...] }}")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
