@@ -81,6 +81,8 @@ def copy_run(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, run, experiment
             dst.log_batch(new, tags=part)
         for part in chunks([Param(k, v) for k, v in run.data.params.items()], 100):
             dst.log_batch(new, params=part)
+        if run.inputs and run.inputs.dataset_inputs:  # the splits it trained on: the UI's Dataset column
+            dst.log_inputs(new, datasets=list(run.inputs.dataset_inputs))
         history = [Metric(m.key, m.value, m.timestamp, m.step) for key in run.data.metrics
                    for m in src.get_metric_history(run.info.run_id, key)]
         for part in chunks(history, 1000):

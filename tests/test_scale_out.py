@@ -279,6 +279,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
         mlflow.set_tracking_uri(None)
 
     # Nothing travelled through a shared folder; no worker is left; the password is stored nowhere.
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:/") for r in [parent, *children.values()])
     for folder in (plain, driver, ray_head["folder"]):
         assert not list(folder.rglob("*.pt")), folder
     assert not workers_under(plain, driver, ray_head["folder"])
@@ -292,6 +293,12 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     for f in client.list_artifacts(run_id, path):
         out += artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
     return out
+
+
+def datasets(run) -> list:
+    """A run's dataset inputs: name, digest and context, in order."""
+    return sorted((i.dataset.name, i.dataset.digest, tuple((t.key, t.value) for t in i.tags))
+                  for i in run.inputs.dataset_inputs)
 
 
 def test_push_moves_a_local_sweep_to_the_team_servers_where_it_resumes(postgres, server, tmp_path, monkeypatch):
@@ -339,6 +346,8 @@ def test_push_moves_a_local_sweep_to_the_team_servers_where_it_resumes(postgres,
             assert [(m.step, m.value, m.timestamp) for m in dst.get_metric_history(copy.info.run_id, key)] == \
                 [(m.step, m.value, m.timestamp) for m in src.get_metric_history(run.info.run_id, key)]
         assert artifact_paths(dst, copy.info.run_id) == artifact_paths(src, run.info.run_id)
+        assert copy.info.artifact_uri.startswith("mlflow-artifacts:/")  # through the server, not a shared folder
+        assert datasets(copy) == datasets(run) and (datasets(run) or "mlflow.parentRunId" not in run.data.tags)
         models = dst.search_logged_models([copy.info.experiment_id], f"source_run_id = '{copy.info.run_id}'")
         assert len(models) == len(src.search_logged_models([run.info.experiment_id],
                                                            f"source_run_id = '{run.info.run_id}'"))

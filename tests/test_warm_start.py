@@ -87,6 +87,8 @@ def warm(tmp_path_factory):
     for lr in ("0.02", "0.05"):
         run = client.create_run(exp, run_name=f"earlier-lr{lr}")
         client.log_param(run.info.run_id, "lr", lr)
+        if lr == "0.02":  # trained for 3 epochs: the trial takes its lr, and the sweep's 1 epoch
+            client.log_param(run.info.run_id, "epochs", "3")
         client.set_terminated(run.info.run_id)
         queued.append(run.info.run_id)
 
@@ -124,6 +126,7 @@ def test_a_warm_start_seeds_the_fitting_trials_and_trains_none_of_them_again(war
         [("COMPLETE", {"lr": 0.02}, warm["queued"][0])]
     runs = trial_runs(client, "warm")
     assert [float(r.data.params["lr"]) for r in runs] == [0.02]  # nothing trained twice, even run again
+    assert runs[0].data.params["epochs"] == "1"  # the sweep's config, not the enqueued run's 3 epochs
     assert warm["again"].returncode == 0, warm["again"].stderr[-3000:]
     assert len(study.trials) == 4  # the same command again: no second seeding, nothing new to train
 
@@ -133,6 +136,8 @@ def test_a_warm_start_seeds_the_fitting_trials_and_trains_none_of_them_again(war
             f"e.g. trial 3: dropout = 0.3, here 0.5; 1 without a measured cost, e.g. trial 6 recorded no training "
             f"time); 1 not COMPLETE, not used") in err
     assert f"--enqueue {warm['queued'][1]}: not queued, seeded trial 1 measured its values already" in err
+    assert (f"--enqueue {warm['queued'][0]}: the run also trained with epochs = 3; the trial takes only its lr and "
+            f"trains the sweep's config otherwise") in err
     assert "trial   0 COMPLETE" not in err  # seeded trials are not reported as this sweep's trials
     assert "sweep 'warm': 1 trials finished (1 COMPLETE, 0 PRUNED, 0 FAIL)" in out
     assert f"warm start: 3 more trials seeded from study '{source}' (not trained here)" in out

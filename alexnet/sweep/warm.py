@@ -14,7 +14,8 @@ A cost-aware sweep prices a seeded trial from what the earlier trial measured (`
 experiment's own values is the new study's baseline: the base is not queued to train again.
 
 `--enqueue RUN_ID` (repeatable) queues a run's own values of the searched fields as trials to train,
-right after the baseline and before anything the sampler proposes.
+right after the baseline and before anything the sampler proposes; where the run trained with other
+values of the fields the sweep fixes, it says so in one line (the trial trains the sweep's config).
 
 Everything here reads; the launcher adds the trials, under the study lock, when it creates the study.
 Torch-free.
@@ -132,6 +133,13 @@ def enqueued(sweep: Sweep, run_ids: list[str]) -> list[tuple[str, dict]]:
         if outside:
             raise UsageError(f"sweep: --enqueue {run_id}: its {outside} = {params[outside]!r} is not in the space "
                              f"({describe_space({outside: sweep.space[outside]})})")
+        # A trial trains the sweep's config with these values: say so where the run trained otherwise.
+        differ = [f"{k} = {run.data.params[k]}" for k in sweep.config if k not in IGNORED and k not in sweep.space
+                  and k in run.data.params and parse_value(k, run.data.params[k]) != sweep.config[k]]
+        if differ:
+            print(f"alexnet sweep: --enqueue {run_id}: the run also trained with {', '.join(differ[:3])}"
+                  f"{' ...' if len(differ) > 3 else ''}; the trial takes only its {', '.join(sweep.space)} and trains "
+                  f"the sweep's config otherwise", file=sys.stderr)
         out.append((run_id, params))
     return out
 
