@@ -1,6 +1,6 @@
 """How long `alexnet runs` takes over a big store: N runs shaped like the project's (every config field as
-a param, the run tags, 7 metrics per epoch with their history, system metrics; plain runs, sweep parents,
-trials and confirm runs), in a temporary local store; then the leaderboard as a user starts it, in a fresh
+a param, the run tags, 7 metrics per epoch with their history and 3 more in the runs that hold a validation
+split out, system metrics; plain runs, sweep parents, trials and confirm runs), in a temporary local store; then the leaderboard as a user starts it, in a fresh
 process each time, timed end to end and split into its import and its query.
 
   python benchmarks/leaderboard.py                 # 1,000 runs, 5 timed runs of `alexnet runs`
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))  # runs from a plain checkout, installed or not
 EPOCHS = 10
 METRICS = ["train/loss", "train/acc", "test/acc", "test/best_acc", "perf/examples_per_sec",
            "perf/wall_examples_per_sec", "perf/epoch_seconds"]
+VAL_METRICS = ["val/acc", "val/best_acc", "test/acc_at_best_val"]  # runs with a validation split
 SYSTEM = ["system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
           "system/system_memory_usage_percentage", "system/disk_usage_percentage", "system/disk_usage_megabytes",
           "system/disk_available_megabytes", "system/network_receive_megabytes", "system/network_transmit_megabytes"]
@@ -63,8 +64,9 @@ def build(n: int, seed: int = 0) -> dict:
         if role != "parent" and not parents:
             role = "run"
         counts[role] += 1
+        held_out = role in ("trial", "confirm")  # a sweep's runs hold a validation split out
         cfg = Config(lr=10 ** rng.uniform(-3, -1), dropout=rng.uniform(0, 0.8), resize=rng.choice([67, 96, 128, 224]),
-                     epochs=EPOCHS, run_name=f"bench-{role}-{i}")
+                     epochs=EPOCHS, run_name=f"bench-{role}-{i}", val_size=5000 if held_out else 0)
         tags = {"experiment_file": "sweeps/default.toml", "command": "alexnet sweep sweeps/default.toml", "device": "cuda",
                 "gpu": "NVIDIA H200", "precision": "bf16", "version.python": "3.11.7", "version.torch": "2.14.1",
                 "version.torchvision": "0.29.1", "version.mlflow": "3.17.2", "version.optuna": "5.0.0",
@@ -80,12 +82,18 @@ def build(n: int, seed: int = 0) -> dict:
         run_id = run.info.run_id
         if role == "parent":
             parents.append(run_id)
-        metrics, best = [], 0.0
+        metrics, best, best_val, at_best_val = [], 0.0, 0.0, 0.0
         for epoch in range(1, EPOCHS + 1):
             acc = min(0.95, 0.1 + 0.08 * epoch * rng.uniform(0.8, 1.1))
             best = max(best, acc)
             values = [2.3 / epoch, acc, acc, best, rng.uniform(2e4, 3e4), rng.uniform(1.8e4, 2.5e4), rng.uniform(2, 3)]
-            metrics += [Metric(k, v, now - 600_000 + epoch * 1000, epoch) for k, v in zip(METRICS, values)]
+            stamp = now - 600_000 + epoch * 1000
+            metrics += [Metric(k, v, stamp, epoch) for k, v in zip(METRICS, values)]
+            if held_out:
+                val = acc * rng.uniform(0.97, 1.03)
+                if val > best_val:
+                    best_val, at_best_val = val, acc
+                metrics += [Metric(k, v, stamp, epoch) for k, v in zip(VAL_METRICS, (val, best_val, at_best_val))]
         metrics += [Metric(k, rng.uniform(0, 100), now, 0) for k in SYSTEM]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in asdict(cfg).items()],
                          synchronous=True)

@@ -15,6 +15,10 @@ competes for the same cores on a CPU) and the per-run fixed costs (run set-up, c
 --steps times each step of the tracked runs (checks, the record, the run's creation, logging, the
 checkpoints, the curves, the model, the end) on the training thread, where it delays the run, or beside it.
 
+--cold N runs the same short training as a user would, `alexnet train` against `alexnet train --no-track`,
+each a fresh process, alternating N times: what tracking costs a command that starts cold (importing
+MLflow, opening its store, logging the model once), which no warm-up hides.
+
 --breakdown adds two tracked variants to each round, to say where the per-epoch cost goes:
 "no-write" copies each checkpoint to the host but neither serializes nor writes it, and
 "metrics-only" does not copy it to the host either (the on-device snapshot stays). So tracked minus
@@ -22,6 +26,7 @@ no-write is serializing, hashing and writing the files; no-write minus metrics-o
 the host; metrics-only minus plain is MLflow itself (metrics, heartbeat, system metrics).
 
   python benchmarks/tracking_overhead.py                                   # CPU-sized (see DEFAULT)
+  python benchmarks/tracking_overhead.py --rounds 5 --steps --cold 3      # and where the time goes, and cold commands
   python benchmarks/tracking_overhead.py --baseline --breakdown             # the chapter's baseline, on a GPU
 """
 
@@ -128,9 +133,31 @@ class StepTimer:
             setattr(owner, name, original)
 
 
+COLD = ["epochs=1", "train_limit=256"]  # the cold commands' training: short, so the fixed costs show
+
+
+def run_cold(sets: list[str], tracked: bool) -> float:
+    """`alexnet train` in a fresh process, as a user starts it; its wall time."""
+    import subprocess
+
+    command = [sys.executable, "-m", "alexnet", "train", "experiments/baseline.toml", "--quiet",
+               *[f"--set={s}" for s in sets], *([] if tracked else ["--no-track"])]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"tracking_overhead: {' '.join(command[2:])} failed: {done.stderr.strip()[-1000:]}")
+    return time.perf_counter() - t0
+
+
 KINDS = {"plain": run_plain, "tracked": run_tracked,
          "no-write": lambda cfg: run_tracked(cfg, skip=("write",)),
          "metrics-only": lambda cfg: run_tracked(cfg, skip=("write", "host"))}
+
+
+def per_epoch_after_first(rows: list[dict], kind: str) -> float:
+    """A kind's mean epoch time over its epochs after the first, in every round."""
+    later = [t for r in rows if r["kind"] == kind for t in r["each_epoch"][1:]]
+    return sum(later) / max(1, len(later))
 
 
 def main(argv=None) -> int:
@@ -146,6 +173,9 @@ def main(argv=None) -> int:
                         help="also run the tracked variants no-write and metrics-only (see above)")
     parser.add_argument("--steps", action="store_true",
                         help="also time each step of the tracked runs, on the training thread or beside it")
+    parser.add_argument("--cold", type=int, default=0, metavar="N",
+                        help="also time N alternating pairs of `alexnet train` and `alexnet train --no-track` in fresh "
+                             f"processes ({' '.join(COLD)}; see above)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and print its path")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -209,6 +239,9 @@ def main(argv=None) -> int:
               f"(target <= 1.01x; background checkpoint writes of {ckpt / 1e6:.0f} MB share the machine)")
         print(f"  outside the epochs, per run: +{per_run:.2f} s (target <= +1 s; run set-up, metrics, curves PNG, "
               f"model logging)")
+        if cfg.epochs > 1:
+            print(f"  the epochs after the first (each carries the previous epoch's checkpoint write): "
+                  f"{per_epoch_after_first(rows, 'tracked') / per_epoch_after_first(rows, 'plain'):.3f}x")
         # An epoch's checkpoint is written while the next epoch trains: the epochs after the first carry it.
         later = {k: sum(sum(r["each_epoch"][1:]) for r in rows if r["kind"] == k) for k in kinds}
         per_epoch = {k: later[k] / max(1, args.rounds * (cfg.epochs - 1)) for k in kinds}
@@ -232,6 +265,21 @@ def main(argv=None) -> int:
             print(f"  weight copies written per epoch: {copies:.2f} (last.pt); best.pt linked to it "
                   f"{calls.get('best.pt from last.pt', 0):.0f} times a run, never copied; the model "
                   f"{calls.get('the model: build, save, log', 0):.0f} time a run")
+        cold = {}
+        if args.cold:
+            sets = base + args.sets + COLD
+            pairs = []
+            for i in range(args.cold):
+                order = (True, False) if i % 2 == 0 else (False, True)
+                timed = {tracked: run_cold(sets, tracked) for tracked in order}
+                pairs.append({"tracked": timed[True], "untracked": timed[False]})
+                print(f"cold {i + 1}: alexnet train {timed[True]:.2f} s, --no-track {timed[False]:.2f} s", flush=True)
+            tracked_s = sum(p["tracked"] for p in pairs) / len(pairs)
+            untracked_s = sum(p["untracked"] for p in pairs) / len(pairs)
+            cold = {"settings": sets, "pairs": pairs, "tracked_seconds": tracked_s, "untracked_seconds": untracked_s,
+                    "difference_seconds": tracked_s - untracked_s}
+            print(f"  a cold command ({' '.join(COLD)}): alexnet train {tracked_s:.2f} s against --no-track "
+                  f"{untracked_s:.2f} s: {tracked_s - untracked_s:+.2f} s a command (target <= +1 s)")
         if args.json:
             import platform
 
@@ -245,7 +293,7 @@ def main(argv=None) -> int:
                       "command": " ".join(sys.argv), **env, "config": asdict(cfg),
                       "rounds": rows, "ratio": ratio, "epoch_ratio": in_epochs["tracked"] / in_epochs["plain"],
                       "later_epoch_seconds": per_epoch,
-                      "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt,
+                      "fixed_seconds_per_run": per_run, "checkpoint_bytes": ckpt, "cold": cold,
                       "steps": [{"step": w, "thread": t, "seconds": v, "calls_per_run": calls.get(w, 0)}
                                 for (w, t), v in steps.items()]}
             Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

@@ -4,6 +4,7 @@ arithmetic are checked here, never speed (timings on a shared CI machine mean no
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -144,7 +145,7 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     out = tmp_path / "tracking.json"
     tiny = ["resize=67", "epochs=2", "train_limit=128", "test_limit=64", "batch_size=32", "eval_batch_size=64"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tracking_overhead.py"), "--rounds", "1",
-                             "--no-warm-up", "--breakdown", "--steps", "--keep", "--json", str(out), *[f"--set={s}" for s in tiny]],
+                             "--no-warm-up", "--breakdown", "--steps", "--cold", "1", "--keep", "--json", str(out), *[f"--set={s}" for s in tiny]],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -160,7 +161,16 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     copies = next(line for line in lines if line.startswith("  weight copies written per epoch: "))
     assert copies.startswith("  weight copies written per epoch: 1.00 (last.pt)") and copies.endswith("the model 1 time a run")
 
+    assert any(line.startswith("  the epochs after the first (each carries the previous epoch's checkpoint write): ")
+               for line in lines)
+    # --cold: `alexnet train` and `--no-track` as a user starts them, the difference printed and recorded.
+    assert any(re.match(r"  a cold command \(epochs=1 train_limit=256\): alexnet train [0-9.]+ s against --no-track "
+                        r"[0-9.]+ s: [+-][0-9.]+ s a command", line) for line in lines), result.stdout
+
     record = json.loads(out.read_text())
+    cold = record["cold"]
+    assert len(cold["pairs"]) == 1 and cold["tracked_seconds"] > 0 and cold["untracked_seconds"] > 0
+    assert cold["difference_seconds"] == pytest.approx(cold["tracked_seconds"] - cold["untracked_seconds"])
     rows = record["rounds"]
     assert [r["kind"] for r in rows] == ["plain", "tracked", "no-write", "metrics-only"]
     assert len({r["test_acc"] for r in rows}) == 1  # one seed, one CPU: the same training in every variant
@@ -170,12 +180,12 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     steps = {(r["step"], r["thread"]): r["seconds"] for r in record["steps"]}
     assert steps[("the model: build, save, log", "main")] > 0 and steps[("checkpoint write and checksum", "beside")] > 0
 
-    # The tracked run wrote checkpoints; the two variants wrote none.
+    # The tracked run (and the cold tracked command) wrote checkpoints; the two variants wrote none.
     import shutil
 
     runs = sorted(Path(store).glob("artifacts/*/artifacts"))
     with_checkpoints = [r for r in runs if (r / "checkpoints" / "last.pt").is_file()]
-    assert len(runs) == 3 and len(with_checkpoints) == 1
+    assert len(runs) == 4 and len(with_checkpoints) == 2
     shutil.rmtree(Path(store).parent)
 
 
