@@ -137,13 +137,19 @@ def prepare(data_dir: str = "") -> Path | None:
             if path is None:
                 raise UsageError(f"data: {name}(.gz) is missing from {folder} ({what}): {FIX}")
         for name, path in found.items():
-            target = raw / name
-            if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime and file_md5(target) == RAW_MD5[name]:
+            # The copy stands for this very source file (path, size, mtime), verified when it was made:
+            # a source replaced, even by an older or damaged file, is verified again, never passed over.
+            target, stamp_file = raw / name, raw / f".{name}.source"
+            info = path.stat()
+            stamp = f"{path.resolve()}\n{info.st_size}\n{info.st_mtime_ns}\n"
+            if target.is_file() and stamp_file.is_file() and stamp_file.read_text(errors="replace") == stamp \
+                    and file_md5(target) == RAW_MD5[name]:
                 continue
             content = _verified_bytes(path, name)
             try:
                 raw.mkdir(parents=True, exist_ok=True)
                 _write_atomic(target, content)
+                _write_atomic(stamp_file, stamp.encode())
             except OSError as e:
                 raise UsageError(f"data: cannot write the verified copy to {raw} ({e.strerror}): "
                                  f"set ALEXNET_CACHE_DIR to a writable folder") from None

@@ -35,8 +35,8 @@ def alexnet(dropout: float = 0.5, resize: int = 224) -> nn.Sequential:
 
 class RawImages(nn.Module):
     """The logged model: the network behind the run's own input pipeline, so it takes what a user has.
-    In: a batch of 28x28 Fashion-MNIST images, uint8 0-255 or float in [0, 1], B x 28 x 28 or
-    B x 1 x 28 x 28. Out: class scores, B x 10. Inside: `ToTensor`'s scaling, the channel dimension,
+    In: a batch of 28x28 Fashion-MNIST images, uint8 0-255 or float in [0, 1] (a float above 1 is
+    refused), B x 28 x 28 or B x 1 x 28 x 28. Out: class scores, B x 10. Inside: `ToTensor`'s scaling, the channel dimension,
     and the run's resize, bilinear with half-pixel centres as in `alexnet.data.resize_batch` (within
     1/255 of the chapter's PIL `Resize`). Torch only: it loads where `alexnet` is not installed."""
 
@@ -45,6 +45,10 @@ class RawImages(nn.Module):
         self.net, self.resize = net, resize
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 and images.numel() and float(images.max()) > 1:
+            # 0-255 floats read as [0, 1] would give confident, wrong classes: refuse them.
+            raise ValueError(f"RawImages: float images must be in [0, 1] (ToTensor's scale), got values up to "
+                             f"{float(images.max()):g}: divide by 255, or pass the uint8 images as they are")
         x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
         if x.dim() == 3:
             x = x.unsqueeze(1)

@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from alexnet import UsageError, checkout, data, datafiles, record, store, tracking
+from alexnet import UsageError, checkout, data, datafiles, home, record, store, tracking
 from alexnet.config import Config, to_toml
 from alexnet.home import project_root, tracking_uri, where
 from alexnet.redact import redact
@@ -184,6 +184,7 @@ def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
     where it should be identical (same code, device and versions, on the CPU or deterministic)."""
     store.set_up_store()
     run, cfg, patch = read_record(run_id)
+    home.announce(cfg.experiment)
     check_device(cfg)  # a device this machine lacks: one line now, not a failed training
     check_data(run, cfg)
     commit, here = run.data.tags["git.commit"], checkout.current()

@@ -81,6 +81,13 @@ def print_links(found: list[tuple[str, str]]) -> None:
         print(f"{what}:\n  {url}", flush=True)
 
 
+def check_host(host: str, port: int, allowed_hosts: str | None) -> None:
+    """Beyond loopback only with the names clients use: MLflow's UI has no login."""
+    if host not in LOOPBACK and not allowed_hosts:
+        raise UsageError(f"ui: --host {host} would show every run to the network: also pass --allowed-hosts "
+                         f"with the names clients use (e.g. --allowed-hosts {socket.gethostname()}:{port})")
+
+
 def check_port(host: str, port: int, what: str = "ui") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -94,9 +101,7 @@ def start(uri: str, artifact_root: str | None, host: str = "127.0.0.1", port: in
           allowed_hosts: str | None = None, log_path: str | Path | None = None) -> tuple[subprocess.Popen, str]:
     """Start `mlflow ui` on `uri`; returns (process, base URL). The store URI travels in the
     environment, not on the command line, so a password in it never shows in `ps`."""
-    if host not in LOOPBACK and not allowed_hosts:
-        raise UsageError(f"ui: --host {host} would show every run to the network: also pass --allowed-hosts "
-                         f"with the names clients use (e.g. --allowed-hosts {socket.gethostname()}:{port})")
+    check_host(host, port, allowed_hosts)
     check_port(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1"]
     if artifact_root:
@@ -151,6 +156,9 @@ def serve(host: str, port: int, allowed_hosts: str | None, experiment: str, swee
     """`alexnet ui`: start, print the pages' URLs (and open the first), wait for Ctrl-C."""
     if top < 1:
         raise UsageError(f"ui: --top must be >= 1, got {top}")
+    if not home.tracking_uri().startswith(("http://", "https://")):  # else no local UI is started
+        check_host(host, port, allowed_hosts)  # before the store is touched: a refusal leaves it as it was
+        check_port(host, port)
     uri = store.set_up_store()
     home.announce(None if sweep else experiment, uri)
     if not sweep:  # the project's own experiment is made if missing; any other must exist (a typo is one line)

@@ -186,3 +186,18 @@ def test_a_first_command_on_a_fresh_home_prints_none_of_mlflows_own_lines(tmp_pa
                             timeout=120, env=clean_env(ALEXNET_HOME=str(tmp_path)))
     assert result.returncode == 0 and (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert "INFO" not in result.stderr and "database tables" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("refused", ["host", "port"])
+def test_a_ui_refused_for_its_host_or_port_leaves_a_fresh_store_uncreated(home, capfd, refused):
+    """Refused before the store is opened: no database, no experiment made for a command that did not run."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = ["ui", "--host", "0.0.0.0"] if refused == "host" else ["ui", "--port", str(busy.getsockname()[1])]
+        assert cli.main(args) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ("--allowed-hosts" if refused == "host" else "cannot listen") in err
+    assert not (home / "mlruns" / "mlflow.db").exists()

@@ -97,6 +97,18 @@ def test_a_changed_byte_fails_the_md5_check(cache, tmp_path, copy_dir):
         data.load(str(raw))
 
 
+def test_a_source_file_replaced_by_an_older_damaged_one_is_checked_again_not_passed_over(cache, copy_dir):
+    """The verified copy in the cache is newer than the damaged file now in the named folder: still refused."""
+    assert data.load(str(copy_dir), train=False).targets[:3].tolist() == [9, 2, 1]
+    path = copy_dir / "t10k-labels-idx1-ubyte.gz"
+    labels = bytearray(gzip.decompress(path.read_bytes()))
+    labels[100] = (labels[100] + 1) % 10
+    path.write_bytes(gzip.compress(bytes(labels)))
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # 2001: older than the copy in the cache
+    with pytest.raises(UsageError, match=r"t10k-labels-idx1-ubyte.gz is corrupt \(MD5"):
+        data.load(str(copy_dir), train=False)
+
+
 def test_a_missing_file_is_named(cache, copy_dir):
     (copy_dir / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UsageError, match="train-labels-idx1-ubyte.*missing"):

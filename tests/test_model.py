@@ -1,6 +1,7 @@
 """The network is the chapter's, layer for layer."""
 
 import pytest
+import torch
 
 from alexnet import UsageError
 from alexnet.model import alexnet, count_parameters, flatten_width, flops_per_image, layer_shapes
@@ -100,3 +101,17 @@ def test_the_torch_free_flop_count_agrees_with_the_networks(resize):
 
 def test_the_forward_pass_at_224_is_1_876_gflop():
     assert flops_per_image(224) == 1_876_292_352  # d2l 7.1's network, one 1x224x224 image
+
+
+def test_the_raw_image_model_takes_uint8_or_unit_floats_and_refuses_0_255_floats():
+    from alexnet.model import RawImages, alexnet
+
+    model = RawImages(alexnet(resize=67).eval(), 67).eval()
+    images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        scores = model(images)
+        assert scores.shape == (2, 10)
+        assert torch.allclose(model(images.float() / 255), scores, atol=1e-6)
+        assert torch.allclose(model((images.float() / 255).unsqueeze(1)), scores, atol=1e-6)
+        with pytest.raises(ValueError, match=r"float images must be in \[0, 1\] \(ToTensor's scale\), got values up to 2[0-9][0-9]"):
+            model(images.float())

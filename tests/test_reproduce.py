@@ -17,7 +17,7 @@ import torch
 
 from alexnet import checkout, checkpoint, cli, datafiles, record, store, tracking
 from alexnet.config import Config, to_toml
-from alexnet.home import tracking_uri
+from alexnet.home import tracking_uri, where
 from conftest import ROOT
 
 TINY = dict(resize=67, lr=0.05, epochs=2, train_limit=256, val_size=200, test_limit=200, batch_size=64,
@@ -75,7 +75,8 @@ def test_the_record_holds_code_versions_data_and_the_splits_as_dataset_inputs(tr
 
 def test_a_cpu_run_is_reproduced_exactly(tracked, capsys):
     assert cli.main(["reproduce", tracked.run_id, "--quiet"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err.startswith(f"alexnet: store {where(tracking_uri())}, experiment 'alexnet-fashion-mnist'\n")  # named once
     client = mlflow.MlflowClient()
     [new] = client.search_runs([client.get_run(tracked.run_id).info.experiment_id],
                                f"tags.reproduces = '{tracked.run_id}'")
@@ -118,14 +119,20 @@ REFUSED = [
 ]
 
 
+def error_lines(err: str) -> list[str]:
+    """What a refused command printed besides the line naming its store (printed once the record is read)."""
+    lines = err.splitlines()
+    return lines[1:] if lines and lines[0].startswith("alexnet: store ") else lines
+
+
 @pytest.mark.parametrize("changes,message", REFUSED)
 def test_what_cannot_be_reproduced_is_refused_in_one_line(tracked, capsys, changes, message):
     copy = fake_record(tracked.run_id, **changes)
     client = mlflow.MlflowClient()
     before = len(client.search_runs([client.get_run(copy).info.experiment_id]))
     assert cli.main(["reproduce", copy]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("alexnet reproduce: error: ")
+    [err] = error_lines(capsys.readouterr().err)
+    assert err.startswith("alexnet reproduce: error: ")
     assert re.search(message, err), err
     assert len(client.search_runs([client.get_run(copy).info.experiment_id])) == before  # no run was started
 
@@ -156,8 +163,8 @@ def test_changed_data_files_are_refused(tracked, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALEXNET_DATA_DIR", str(altered))
     monkeypatch.setenv("ALEXNET_CACHE_DIR", str(tmp_path / "cache"))
     assert cli.main(["reproduce", tracked.run_id]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "t10k-labels-idx1-ubyte" in err and "corrupt" in err
+    [err] = error_lines(capsys.readouterr().err)
+    assert "t10k-labels-idx1-ubyte" in err and "corrupt" in err
 
 
 # --- A dirty work tree, in a throw-away clone of this repository ---

@@ -5,6 +5,7 @@ error naming what failed, and storages that cannot keep the trial count exact re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -98,7 +99,7 @@ def test_a_failure_in_the_writer_thread_says_what_failed(tmp_path):
     def log():
         raise MlflowException("store unreachable")
     log.what = "logging epoch 1's metrics"
-    writer.submit(["last", "best"], {"w": torch.zeros(2)}, then=log)
+    writer.submit({"w": torch.zeros(2)}, best=True, then=log)
     with pytest.raises(RuntimeError, match="^logging epoch 1's metrics failed: store unreachable"):
         writer.close()
     writer.close()  # closing again is harmless
@@ -112,3 +113,25 @@ def test_a_storage_that_cannot_lock_across_hosts_is_refused(storage, tmp_path):
         load_sweep(path, storage=storage)
     for ok in ("postgresql+psycopg://u@db/x", "mysql+pymysql://u@db/x", f"sqlite:///{tmp_path}/o.db"):
         assert load_sweep(path, storage=ok).storage == ok
+
+
+def test_a_secret_in_a_trials_error_never_reaches_the_parent_runs_trials_csv(home, tmp_path):
+    """A trial's fail_reason may quote the storage URL with its password: trials.csv is redacted."""
+    import optuna
+
+    from alexnet.sweep import report
+
+    store.set_up_store()
+    path = tmp_path / "leaky.toml"
+    path.write_text("[space]\nlr = { low = 0.001, high = 0.1, log = true }\n[set]\nresize = 67\nepochs = 1\n")
+    sweep = load_sweep(path)
+    study = optuna.create_study(study_name=sweep.study, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 0.001, 0.1, log=True)
+    trial.set_user_attr("fail_reason", "OperationalError: postgresql+psycopg://bob:hunter2@db:5432/optuna refused")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    client = mlflow.MlflowClient()
+    parent = client.create_run(store.experiment_id(store.DEFAULT_EXPERIMENT), run_name=sweep.study).info.run_id
+    report.summarize(study, sweep, parent)
+    csv = Path(client.download_artifacts(parent, "trials.csv", str(tmp_path))).read_text()
+    assert "bob:***@db:5432" in csv and "hunter2" not in csv
