@@ -1,12 +1,17 @@
 """The team's set-up going wrong, in one line each: servers that do not answer at start (nothing is
 created), a password on a command line (refused, never echoed), Ray options without Ray, and a worker
 that loses the tracking server mid-trial (a real `mlflow server`, killed): it stops in one line and its
-trial is queued again for another worker."""
+trial is queued again for another worker; a worker that loses the database behind the Optuna storage (a
+real PostgreSQL, stopped): it stops in one line, and the same command retries the trial once the
+database is back."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -14,7 +19,7 @@ import optuna
 import pytest
 
 from alexnet import ui
-from conftest import wait_for
+from conftest import ROOT, wait_for
 
 SWEEP = """
 study = "lost"
@@ -120,3 +125,67 @@ def test_a_worker_that_loses_the_tracking_server_mid_trial_stops_in_one_line_and
     assert "alexnet sweep: error: lost the tracking server" in err  # the launcher too, in one line
     trials = optuna.load_study(study_name="lost", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].params == trials[0].params
+
+
+def postgres_missing() -> str:
+    import glob
+    from importlib.util import find_spec
+
+    if not (glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb")):
+        return "PostgreSQL is not installed (scripts/setup --test installs it)"
+    return "" if find_spec("psycopg") else "psycopg is not installed (pip install -e '.[team]')"
+
+
+@pytest.mark.skipif(bool(postgres_missing()), reason=postgres_missing())
+def test_a_worker_that_loses_the_database_mid_trial_stops_in_one_line_and_the_same_command_retries_it(tmp_path):
+    """A real PostgreSQL behind the Optuna storage (scripts/throwaway-postgres), stopped while the trial trains:
+    the worker and the launcher stop in one line each, the trial's run does not stay RUNNING, and once the
+    database is back the same command fails the trial by its stale heartbeat and trains it again."""
+    import psycopg
+
+    # Its folder: short (the server's socket lives there) and where the `postgres` user can reach it as root.
+    script, pg, port = ROOT / "scripts" / "throwaway-postgres", Path(tempfile.mkdtemp(prefix="alexnet-pg-")), closed_port()
+    url = subprocess.run(["bash", script, "start", pg, str(port)], capture_output=True, text=True, check=True).stdout
+    password = (pg / "password").read_text().strip()
+    launcher = None
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="alexnet", password=password, dbname="postgres",
+                             autocommit=True) as db:
+            db.execute("CREATE DATABASE lost_optuna")
+        storage = f"{url.strip()}/lost_optuna"
+        (tmp_path / "s.toml").write_text(SWEEP)
+        env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE")},
+               "ALEXNET_HOME": str(tmp_path), "PGPASSWORD": password}
+        command = [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage]
+        launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}?timeout=60")
+
+        def trial_runs():
+            if not (tmp_path / "mlruns" / "mlflow.db").exists():
+                return []
+            return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "tags.`sweep.role` = 'trial'")
+
+        wait_for(lambda: any("test/acc" in r.data.metrics for r in trial_runs()), 180,
+                 "the trial to train its first epoch", every=0.3)
+        subprocess.run(["bash", script, "stop", pg], capture_output=True, check=True)
+        out, err = launcher.communicate(timeout=180)
+        lines = [line for line in err.splitlines() if "worker 0: error:" in line]
+        assert len(lines) == 1 and "lost the database" in lines[0], err[-3000:]
+        assert "Traceback" not in err and launcher.returncode != 0
+        assert [r.info.status for r in trial_runs()] != ["RUNNING"]  # ended, not left running
+
+        subprocess.run(["bash", script, "start", pg, str(port)], capture_output=True, check=True)
+        time.sleep(5)  # the trial's last heartbeat is now older than grace_seconds (4)
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        trials = optuna.load_study(study_name="lost", storage=storage.replace("alexnet@", f"alexnet:{password}@")).trials
+        assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].params == trials[0].params
+        assert sorted(r.info.status for r in trial_runs())[-1] == "FINISHED" and len(trial_runs()) == 2
+    finally:
+        if launcher is not None and launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        subprocess.run(["bash", script, "stop", pg], capture_output=True)
+        shutil.rmtree(pg, ignore_errors=True)
