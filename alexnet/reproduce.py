@@ -216,15 +216,31 @@ def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
         print(f"run {run_id} logged no epoch (it stopped before its first ended): nothing to compare")
         return 0
     print(format_rows(rows))
-    device = resolve_device(cfg)
-    exact = same_code and not machine and (device.type == "cpu" or cfg.deterministic)
+    line, status = verdict(rows, worst, resolve_device(cfg).type, cfg.deterministic, same_code, machine)
+    print(line)
+    return status
+
+
+# A GPU run without `deterministic = true` repeats only within its stated tolerance: cuDNN's autotuning
+# picks convolution algorithms per process, and they round differently. On an H200 one fast-pipeline
+# baseline ended 0.012 test accuracy from another of the same seed (README, "On a GPU").
+GPU_ACC_TOLERANCE = 0.02
+
+
+def verdict(rows: list[tuple], worst: float, device: str, deterministic: bool, same_code: bool,
+            machine: list[str]) -> tuple[str, int]:
+    """What the comparison means, and the command's status: 0 reproduced (identical, within the GPU's
+    tolerance, or allowed to differ: other code, device or versions), 1 not reproduced."""
     if worst == 0:
-        print("identical: every metric of every epoch equals the original's (timings aside)")
-        return 0
-    why = "; ".join(machine) or ("the code differs (--force)" if not same_code else "")
-    if exact:
-        print(f"NOT reproduced: the largest difference is {worst:.3g}, with the same code, device and versions")
-        return 1
-    print(f"differs by up to {worst:.3g}, as it may: "
-          + (why or f"on {device} without deterministic = true, cuDNN's autotuning picks algorithms per process"))
-    return 0
+        return "identical: every metric of every epoch equals the original's (timings aside)", 0
+    if not same_code or machine:
+        why = "; ".join(machine) or "the code differs (--force)"
+        return f"differs by up to {worst:.3g}, as it may: {why}", 0
+    if device == "cpu" or deterministic:
+        return f"NOT reproduced: the largest difference is {worst:.3g}, with the same code, device and versions", 1
+    accuracy = max((abs(r[4]) for r in rows if r[1].split("/")[-1].startswith(("acc", "best_acc"))), default=0.0)
+    within = accuracy <= GPU_ACC_TOLERANCE
+    return (f"{'within' if within else 'NOT reproduced: beyond'} the stated tolerance on {device} without "
+            f"deterministic = true (cuDNN's autotuning picks algorithms per process): accuracies differ by up to "
+            f"{accuracy:.3g}, the tolerance is {GPU_ACC_TOLERANCE:g} (losses and other metrics by up to {worst:.3g})",
+            0 if within else 1)

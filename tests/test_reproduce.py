@@ -248,3 +248,25 @@ def test_a_commit_or_patch_git_cannot_use_is_refused_in_one_line(home):
         message = str(error.value)
         assert message.startswith(start) and "\n" not in message and "[" not in message, message
     assert checkout.git("worktree", "list", "--porcelain", check=False).stdout == before
+
+
+def test_what_a_difference_means_identical_on_the_cpu_within_a_stated_tolerance_on_a_gpu():
+    """The verdict alone (no GPU here): exact on the CPU or with deterministic = true; on a GPU with cuDNN's
+    autotuning, accuracies within GPU_ACC_TOLERANCE; anything may differ with other code or versions."""
+    from alexnet.reproduce import GPU_ACC_TOLERANCE, verdict
+
+    def rows(acc_diff, loss_diff=0.05):
+        return [(1, "test/acc", 0.8, 0.8 + acc_diff, acc_diff), (1, "train/loss", 0.5, 0.5 + loss_diff, loss_diff)]
+
+    assert verdict(rows(0, 0), 0.0, "cpu", False, True, [])[1] == 0
+    line, status = verdict(rows(1e-6), 0.05, "cpu", False, True, [])
+    assert status == 1 and line.startswith("NOT reproduced: the largest difference is 0.05")
+    assert verdict(rows(1e-6), 0.05, "cuda", True, True, [])[1] == 1  # deterministic: exact
+    line, status = verdict(rows(0.012), 0.05, "cuda", False, True, [])
+    assert status == 0 and line.startswith("within the stated tolerance on cuda without deterministic = true")
+    assert f"accuracies differ by up to 0.012, the tolerance is {GPU_ACC_TOLERANCE:g}" in line
+    line, status = verdict(rows(GPU_ACC_TOLERANCE + 0.01), 0.05, "cuda", False, True, [])
+    assert status == 1 and line.startswith("NOT reproduced: beyond the stated tolerance on cuda")
+    line, status = verdict(rows(0.3), 0.3, "cuda", False, True, ["version.torch 2.11 then, 2.14 now"])
+    assert status == 0 and line == "differs by up to 0.3, as it may: version.torch 2.11 then, 2.14 now"
+    assert verdict(rows(0.3), 0.3, "cpu", False, False, [])[0].endswith("as it may: the code differs (--force)")
