@@ -20,7 +20,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import sqlalchemy
@@ -96,17 +95,10 @@ def advertised_url(host: str, port: int, allowed_hosts: str) -> str:
 
 def start(backend_uri: str, artifacts: str, host: str, port: int, allowed_hosts: str,
           log_path: str | Path | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` on `backend_uri` (passed in its environment, not its command line);
-    returns (process, base URL for this machine)."""
-    ui.check_port(host, port, "server")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination", artifacts,
-           "--host", host, "--port", str(port), "--allowed-hosts", allowed_hosts, "--workers", "1"]
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_path = Path(log_path or Path(tempfile.gettempdir()) / f"alexnet-server-{port}.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_path = log_path
-    return proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    """Start `mlflow server` on `backend_uri` with served artifacts; returns (process, base URL for this
+    machine)."""
+    return ui.launch("server", ["--serve-artifacts", "--artifacts-destination", artifacts, "--allowed-hosts",
+                                allowed_hosts], backend_uri, host, port, log_path)
 
 
 def serve(database: str, artifacts: str, host: str, port: int, allowed_hosts: str | None,

@@ -99,23 +99,29 @@ def check_port(host: str, port: int, what: str = "ui") -> None:
 
 def start(uri: str, artifact_root: str | None, host: str = "127.0.0.1", port: int = 5000,
           allowed_hosts: str | None = None, log_path: str | Path | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow ui` on `uri`; returns (process, base URL). The store URI travels in the
-    environment, not on the command line, so a password in it never shows in `ps`."""
+    """Start `mlflow ui` on `uri`; returns (process, base URL)."""
     check_host(host, port, allowed_hosts)
-    check_port(host, port)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1"]
-    if artifact_root:
-        cmd += ["--default-artifact-root", artifact_root]
-    if allowed_hosts:
-        cmd += ["--allowed-hosts", allowed_hosts]
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri,
+    options = (["--default-artifact-root", artifact_root] if artifact_root else []) \
+        + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
+    return launch("ui", options, uri, host, port, log_path)
+
+
+def launch(program: str, options: list[str], backend_uri: str, host: str, port: int,
+           log_path: str | Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow ui` or `mlflow server` (`program`) with `options` on the store `backend_uri`, its output
+    in a log file (default: alexnet-PROGRAM-PORT.log in the temp folder); returns (process, base URL for
+    this machine). The store URI travels in the environment, not on the command line, so a password in it
+    never shows in `ps`."""
+    check_port(host, port, program)
+    cmd = [sys.executable, "-m", "mlflow", program, *options, "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri,
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its job runner only slows the start (~5 s)
-    log_path = Path(log_path or Path(tempfile.gettempdir()) / f"alexnet-ui-{port}.log")
+    log_path = Path(log_path or Path(tempfile.gettempdir()) / f"alexnet-{program}-{port}.log")
     with open(log_path, "wb") as log:
         # A session of its own: the terminal's Ctrl-C reaches only us, and we stop the whole group.
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = log_path
-    host_in_url = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    host_in_url = f"[{host}]" if ":" in host else ("127.0.0.1" if host == "0.0.0.0" else host)
     return proc, f"http://{host_in_url}:{port}"
 
 
