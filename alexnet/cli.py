@@ -24,6 +24,11 @@ def integer(low: int, high: int | None = None):
     return parse
 
 
+def add_storage_arg(p: argparse.ArgumentParser):
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else "
+                   "sqlite:///<project>/mlruns/optuna.db)")
+
+
 def add_config_args(p: argparse.ArgumentParser, file_required: bool = True):
     p.add_argument("file", nargs=None if file_required else "?", help="experiment TOML file (overrides of the defaults)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
     p.add_argument("--n-trials", type=integer(0), metavar="N", help="trials to finish in all (overrides the file)")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
+    add_storage_arg(p)
     p.add_argument("--workers", type=integer(1), default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
     add_tracking_arg(p)
     p.add_argument("--ray", metavar="ADDRESS", help="run the workers as tasks on a Ray cluster: HOST:PORT of its head, "
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="the study name (a sweep file's `study`, or its file name)")
     p.add_argument("--top", type=integer(1), default=3, metavar="K", help="configurations to confirm (default: 3)")
     p.add_argument("--seeds", type=integer(2), default=3, metavar="S", help="fresh seeds per configuration, at least 2 to measure seed noise (default: 3)")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: $ALEXNET_STORAGE, else sqlite:///<project>/mlruns/optuna.db)")
+    add_storage_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_tracking_arg(p)
     p.set_defaults(run=commands.cmd_confirm)

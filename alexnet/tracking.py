@@ -43,8 +43,7 @@ from alexnet.home import tracking_uri, where
 from alexnet.redact import first_line, redact, redact_tags
 from alexnet.store import CHECKPOINTS
 from alexnet.train import Diverged, check_device, train
-
-NOTE = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
+from alexnet.views import NOTE  # the run's description in MLflow's UI (markdown)
 
 
 class StopRun(Exception):

@@ -39,8 +39,9 @@ from alexnet.config import Config
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import format_params
 from alexnet.sweep.study import load_study, objective_value, ranked
-from alexnet.tracking import NOTE, tracked_train
+from alexnet.tracking import tracked_train
 from alexnet.train import Diverged
+from alexnet.views import NOTE
 
 FIRST_SEED = 1000  # fresh seeds: the sweep trains every trial with the base config's seed (0 by default)
 ALPHA = 0.05

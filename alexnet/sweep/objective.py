@@ -13,8 +13,9 @@ from alexnet.config import FIELDS, Config
 from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, format_params
-from alexnet.tracking import NOTE, StopRun, tracked_train
+from alexnet.tracking import StopRun, tracked_train
 from alexnet.train import Diverged
+from alexnet.views import NOTE
 
 
 def suggest(trial, space: dict) -> dict:
