@@ -1,4 +1,4 @@
-"""The network's sizes without torch: the last feature map's side, the flatten width, the parameter count,
+"""The network's sizes without torch: the feature maps' sides, the flatten width, the parameter count,
 the FLOPs of one image, and the bytes a run writes. The sweep launcher says how much a trial will write before it starts, and it
 never imports torch; `alexnet/model.py` builds the network from the same arithmetic.
 
@@ -18,18 +18,19 @@ FC_PARAMETERS = (4096 * 4096 + 4096) + (4096 * 10 + 10)  # the second and third 
 HEADER_BYTES = 1 << 20  # a saved file's archive headers and pickled structure, at most
 
 
-def pooled_side(resize: int) -> int:
-    """Side of the last feature map (256 channels) for a square input of `resize` pixels."""
-    side = (resize - 11) // 4 + 1          # Conv2d(1, 96, 11, stride=4)
-    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the 5x5/pad 2 conv keeps the side
-    side = (side - 3) // 2 + 1             # MaxPool2d(3, 2); the three 3x3/pad 1 convs keep it
-    return (side - 3) // 2 + 1             # MaxPool2d(3, 2)
+def feature_sides(resize: int) -> tuple[int, int, int, int]:
+    """Sides of the feature maps for a square input of `resize` pixels: after the first conv (96 maps),
+    at the 5x5 conv (256), at the three 3x3 convs (384, 384, 256), and after the last max-pool (256)."""
+    conv1 = (resize - 11) // 4 + 1         # Conv2d(1, 96, 11, stride=4)
+    conv2 = (conv1 - 3) // 2 + 1           # MaxPool2d(3, 2); the 5x5/pad 2 conv keeps the side
+    conv3 = (conv2 - 3) // 2 + 1           # MaxPool2d(3, 2); the three 3x3/pad 1 convs keep it
+    return conv1, conv2, conv3, (conv3 - 3) // 2 + 1  # MaxPool2d(3, 2)
 
 
 def flatten_width(resize: int) -> int:
     if resize < MIN_RESIZE:
         raise UsageError(f"model: resize = {resize} is too small for AlexNet (allowed: resize >= {MIN_RESIZE})")
-    return 256 * pooled_side(resize) ** 2
+    return 256 * feature_sides(resize)[-1] ** 2
 
 
 def parameter_count(resize: int) -> int:
@@ -41,9 +42,7 @@ def flops_per_image(resize: int) -> int:
     """Forward multiply-adds x 2 of the conv and linear layers for one image (1,876,292,352 at 224), from
     the layer sides alone: a cost-aware sweep prices a trial with it where torch is not imported.
     `alexnet.model.flops_per_image` counts the same on the built network."""
-    conv1 = (resize - 11) // 4 + 1                  # 96 maps, 11x11 over 1 channel, stride 4
-    conv2 = (conv1 - 3) // 2 + 1                    # after a max-pool: 256 maps, 5x5 over 96
-    conv3 = (conv2 - 3) // 2 + 1                    # after a max-pool: 384, 384, 256 maps, 3x3
+    conv1, conv2, conv3, _ = feature_sides(resize)
     macs = conv1 ** 2 * 96 * 1 * 11 * 11 + conv2 ** 2 * 256 * 96 * 5 * 5 \
         + conv3 ** 2 * (384 * 256 + 384 * 384 + 256 * 384) * 3 * 3 \
         + flatten_width(resize) * 4096 + 4096 * 4096 + 4096 * 10
