@@ -44,8 +44,7 @@ COLUMNS = {
     "examples_per_sec": "metrics.perf/examples_per_sec",
 }
 NUMERIC = ["lr", "dropout", "resize", "epochs", "train", "test", "val", "seed", "val_best", "test@val", "best_acc",
-           "final_acc",
-           "examples_per_sec", "disk_bytes", "duration_s", "trial", "pruned_epoch"]
+           "final_acc", "examples_per_sec", "disk_bytes", "duration_s", "trial", "pruned_epoch"]
 HEADERS = {"examples_per_sec": "examples/s", "duration_s": "duration", "disk_bytes": "disk"}
 ASCENDING = ("duration_s", "disk_bytes")  # sorted smallest first; the other numbers best (largest) first
 DATA_SIZE = {"train": 60000, "test": 10000}  # a limit of 0 means the whole split
@@ -258,8 +257,7 @@ def format_table(board) -> str:
     shown = board.drop(columns=hidden).copy()
     formats = {"lr": "{:g}", "dropout": "{:g}", "resize": "{:.0f}", "train": "{:,.0f}", "test": "{:,.0f}",
                "val": "{:,.0f}", "seed": "{:.0f}", "val_best": "{:.4f}", "test@val": "{:.4f}", "best_acc": "{:.4f}",
-               "final_acc": "{:.4f}",
-               "examples_per_sec": "{:,.0f}", "pipeline": "{}"}
+               "final_acc": "{:.4f}", "examples_per_sec": "{:,.0f}", "pipeline": "{}"}
     for name, fmt in formats.items():
         if name in shown:
             shown[name] = [fmt.format(v) if v == v and v is not None else "-" for v in shown[name]]

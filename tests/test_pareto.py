@@ -24,7 +24,7 @@ from alexnet import UsageError, cli, sizes
 from alexnet.cleanup import trial_items
 from alexnet.sweep import costs
 from alexnet.sweep.spec import load_sweep
-from alexnet.sweep.study import feasible, pareto_front, ranked, seeded, tally
+from alexnet.sweep.study import pareto_front, ranked, seeded, tally
 from conftest import ROOT
 
 PRICED = """
