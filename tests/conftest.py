@@ -55,14 +55,20 @@ def run_cli(*args, env=None, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def wait_for(predicate, timeout, what, every=0.05):
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+def wait_for(predicate, timeout, what, every=0.05, proc=None, log=None):
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds. With `proc` (a Popen whose
+    output goes to the file `log`), fail as soon as it exits, and say in both failures what it printed last."""
+    def printed():
+        return f"; it printed:\n{Path(log).read_text(errors='replace')[-3000:]}" if log else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}{printed()}")
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}{printed()}")
 
 
 def default_sigint():

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from filelock import FileLock
 
 from alexnet import ui
 from conftest import ROOT, wait_for
@@ -99,20 +100,23 @@ def test_a_worker_that_loses_the_tracking_server_mid_trial_stops_in_one_line_and
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     try:
         ui.wait_ready(server, uri)
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage, "--tracking-uri", uri],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "ALEXNET_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log = tmp_path / "launcher.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and stall it
+        with open(log, "w") as out:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage, "--tracking-uri", uri],
+                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "ALEXNET_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         client = mlflow.MlflowClient(tracking_uri=uri)
 
         def training():  # the trial's run exists and has logged its first epoch
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`sweep.trial` = '0'")
             return runs and "test/acc" in runs[0].data.metrics
-        wait_for(training, 180, "the trial to train its first epoch", every=0.3)
+        wait_for(training, 180, "the trial to train its first epoch", every=0.3, proc=launcher, log=log)
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-        out, err = launcher.communicate(timeout=180)
+        launcher.wait(timeout=180)
+        err = log.read_text()
     finally:
         for proc in (server, locals().get("launcher")):
             if proc is not None and proc.poll() is None:
@@ -157,20 +161,26 @@ def test_a_worker_that_loses_the_database_mid_trial_stops_in_one_line_and_the_sa
         env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE")},
                "ALEXNET_HOME": str(tmp_path), "PGPASSWORD": password}
         command = [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage]
-        launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}?timeout=60")
-
+        log = tmp_path / "launcher.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and stall it
+        with open(log, "w") as out:
+            launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         def trial_runs():
             if not (tmp_path / "mlruns" / "mlflow.db").exists():
                 return []
+            # The launcher creates the database under this lock (store.set_up_store). An MlflowClient opens its
+            # store as it is made: made before the database, or while it is half-made, it would run MLflow's
+            # table creation beside the launcher's.
+            with FileLock(str(tmp_path / "mlruns" / ".mlflow.db.lock")):
+                client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}?timeout=60")
             return client.search_runs([e.experiment_id for e in client.search_experiments()],
                                       "tags.`sweep.role` = 'trial'")
 
         wait_for(lambda: any("test/acc" in r.data.metrics for r in trial_runs()), 180,
-                 "the trial to train its first epoch", every=0.3)
+                 "the trial to train its first epoch", every=0.3, proc=launcher, log=log)
         subprocess.run(["bash", script, "stop", pg], capture_output=True, check=True)
-        out, err = launcher.communicate(timeout=180)
+        launcher.wait(timeout=180)
+        err = log.read_text()
         lines = [line for line in err.splitlines() if "worker 0: error:" in line]
         assert len(lines) == 1 and "lost the database" in lines[0], err[-3000:]
         assert "Traceback" not in err and launcher.returncode != 0
