@@ -69,7 +69,10 @@ def set_up_store(uri: str | None = None, open_store: bool = True) -> str:
         database = mlruns_dir() / "mlflow.db"
         if open_store or not database.is_file() or not database.stat().st_size:
             with FileLock(str(mlruns_dir() / ".mlflow.db.lock")):
-                _answers(uri)  # creates and migrates the database
+                # The lock keeps this project's commands apart; a process outside it (`mlflow ui`, a notebook's
+                # MlflowClient) may be creating the same file at the same moment, which fails the first open
+                # ("table ... already exists"): it is tried again once the other is done.
+                _answers(uri, attempts=OPEN_ATTEMPTS)  # creates and migrates the database
         return uri
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
@@ -77,12 +80,19 @@ def set_up_store(uri: str | None = None, open_store: bool = True) -> str:
     return uri
 
 
-def _answers(uri: str) -> None:
-    try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as e:
-        raise UsageError(f"tracking: cannot use the tracking store {redact(where(uri))} ({first_line(e)}): "
-                         f"start the server or fix MLFLOW_TRACKING_URI / --tracking-uri") from None
+OPEN_ATTEMPTS, OPEN_RETRY_S = 4, 1.0  # the project's SQLite file: a first open that fails is tried again
+
+
+def _answers(uri: str, attempts: int = 1) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+            return
+        except Exception as e:
+            if attempt == attempts:
+                raise UsageError(f"tracking: cannot use the tracking store {redact(where(uri))} ({first_line(e)}): "
+                                 f"start the server or fix MLFLOW_TRACKING_URI / --tracking-uri") from None
+            time.sleep(OPEN_RETRY_S)
 
 
 def _probe_server(uri: str, timeout: float = 10.0) -> None:

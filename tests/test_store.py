@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+from sqlalchemy.exc import OperationalError
 
 from alexnet import UsageError, checkpoint, store
 from alexnet.home import default_tracking_uri, mlruns_dir
@@ -62,6 +63,37 @@ def test_a_busy_sqlite_store_is_waited_for_not_an_error(home):
     finally:
         holder.wait(30)
     assert client.get_run(run.info.run_id).data.metrics["waited"] == 1.0
+
+
+def test_a_first_open_that_meets_another_creator_is_tried_again_and_a_store_that_keeps_failing_is_one_line(
+        home, monkeypatch):
+    """A process outside the project's lock (`mlflow ui`, a notebook's MlflowClient) creating the project's
+    SQLite file at the same moment fails the first open with "table ... already exists" (seen with two real
+    processes); the open is tried again, not reported as an unusable store. One that keeps failing is still
+    one line, after OPEN_ATTEMPTS tries."""
+    real, calls = mlflow.MlflowClient.search_experiments, []
+
+    def collide(fail_times):
+        def search_experiments(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) <= fail_times:
+                raise OperationalError("CREATE TABLE jobs", {}, Exception("table jobs already exists"))
+            return real(self, *args, **kwargs)
+        return search_experiments
+
+    monkeypatch.setattr(store, "OPEN_RETRY_S", 0.01)
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", collide(2))
+    store.set_up_store()
+    assert len(calls) == 3
+    assert store.experiment_id(store.DEFAULT_EXPERIMENT)  # the store is usable
+
+    calls.clear()
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", collide(99))
+    with pytest.raises(UsageError) as failed:
+        store.set_up_store()
+    assert len(calls) == store.OPEN_ATTEMPTS
+    assert "cannot use the tracking store" in str(failed.value) and "table jobs already exists" in str(failed.value)
+    assert "\n" not in str(failed.value)
 
 
 def test_a_failed_experiment_creation_is_reported_as_such(home, monkeypatch):
