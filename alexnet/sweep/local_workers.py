@@ -48,11 +48,12 @@ def threads_each(workers: int) -> int:
     return max(1, cores // workers)
 
 
-def machine_env(index: int, workers: int, device: str, threads: int | None = None) -> dict[str, str]:
-    """What worker `index` needs in its environment before torch starts: its CPU threads, its GPU."""
-    threads = threads or threads_each(workers)
+def machine_env(index: int, workers: int, device: str, gpus: list[str] | None = None) -> dict[str, str]:
+    """What worker `index` needs in its environment before torch starts: its CPU threads, its GPU (of
+    `gpus`, default `visible_gpus()`)."""
+    threads = threads_each(workers)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    gpus = visible_gpus()
+    gpus = visible_gpus() if gpus is None else gpus
     if len(gpus) > 1 and device in ("auto", "cuda"):
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]  # round robin, one GPU per worker
     return env
@@ -60,8 +61,9 @@ def machine_env(index: int, workers: int, device: str, threads: int | None = Non
 
 def start(workers: int, device: str) -> list[subprocess.Popen]:
     """`workers` worker processes, waiting for their orders."""
+    gpus = visible_gpus()  # NVML asked once, not once per worker
     return [subprocess.Popen([sys.executable, "-m", "alexnet.sweep.worker"], stdin=subprocess.PIPE, text=True,
-                             start_new_session=True, env={**os.environ, **machine_env(i, workers, device)})
+                             start_new_session=True, env={**os.environ, **machine_env(i, workers, device, gpus)})
             for i in range(workers)]
 
 
