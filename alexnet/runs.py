@@ -81,6 +81,10 @@ def no_sweep(name: str, known, command: str) -> str:
     return f"{command}: no sweep {name!r} in {redact(where(tracking_uri()))} (sweeps: {', '.join(sorted(known)) or 'none yet'})"
 
 
+def no_experiment(name: str, known) -> str:
+    return f"runs: no experiment {name!r} in {redact(where(tracking_uri()))} (known: {', '.join(known) or 'none yet'})"
+
+
 def study_objective(parent) -> tuple[str, str, list[str]]:
     """(objective metric, direction, searched params) of a study, from its parent run's params."""
     params = parent.data.params
@@ -119,8 +123,7 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
         if experiment is not None and experiment not in known:
             if defaulted:
                 return pd.DataFrame()  # a fresh store: no runs yet
-            raise UsageError(f"runs: no experiment {experiment!r} in {redact(where(uri))} "
-                             f"(known: {', '.join(known) or 'none yet'})")
+            raise UsageError(no_experiment(experiment, known))
         df = query.runs(uri, None if experiment is None else [known[experiment]], PARAM_KEYS, TAG_KEYS, METRIC_KEYS)
         tags = df.reindex(columns=["tags.sweep.study", "tags.sweep.role", "tags.mlflow.parentRunId"])
         if sweep:
@@ -153,8 +156,7 @@ def _search_runs(experiment: str | None, sweep: str | None, parent: str | None, 
         if exp is None and defaulted:
             return None
         if exp is None:
-            known = ", ".join(e.name for e in client.search_experiments()) or "none yet"
-            raise UsageError(f"runs: no experiment {experiment!r} in {redact(where(tracking_uri()))} (known: {known})")
+            raise UsageError(no_experiment(experiment, [e.name for e in client.search_experiments()]))
         kwargs = {"experiment_ids": [exp.experiment_id]}
     else:
         kwargs = {"search_all_experiments": True}
