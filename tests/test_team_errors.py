@@ -20,7 +20,7 @@ import pytest
 from filelock import FileLock
 
 from alexnet import ui
-from conftest import ROOT, wait_for
+from conftest import ROOT, default_sigint, wait_for
 
 SWEEP = """
 study = "lost"
@@ -44,6 +44,14 @@ def alexnet(home: Path, *args, env=None, timeout=120):
     base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE", "PGPASSWORD")}
     return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], cwd=home, capture_output=True, text=True,
                           timeout=timeout, env={**base, "ALEXNET_HOME": str(home), **(env or {})})
+
+
+def launch_logged(command: list, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    """The command in the background, its output in the file `log`: a pipe nobody reads until the end can
+    fill and stall it. Ctrl-C acts on it as in a terminal."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=default_sigint)
 
 
 def closed_port() -> int:
@@ -100,13 +108,10 @@ def test_a_worker_that_loses_the_tracking_server_mid_trial_stops_in_one_line_and
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     try:
         ui.wait_ready(server, uri)
-        log = tmp_path / "launcher.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and stall it
-        with open(log, "w") as out:
-            launcher = subprocess.Popen(
-                [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage, "--tracking-uri", uri],
-                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "ALEXNET_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log = tmp_path / "launcher.log"
+        launcher = launch_logged(
+            [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage, "--tracking-uri", uri], tmp_path,
+            {**os.environ, "ALEXNET_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, log)
         client = mlflow.MlflowClient(tracking_uri=uri)
 
         def training():  # the trial's run exists and has logged its first epoch
@@ -161,10 +166,8 @@ def test_a_worker_that_loses_the_database_mid_trial_stops_in_one_line_and_the_sa
         env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ALEXNET_STORAGE")},
                "ALEXNET_HOME": str(tmp_path), "PGPASSWORD": password}
         command = [sys.executable, "-m", "alexnet", "sweep", "s.toml", "--storage", storage]
-        log = tmp_path / "launcher.log"  # a file, not a pipe: a pipe nobody reads until the end can fill and stall it
-        with open(log, "w") as out:
-            launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log = tmp_path / "launcher.log"
+        launcher = launch_logged(command, tmp_path, env, log)
         def trial_runs():
             if not (tmp_path / "mlruns" / "mlflow.db").exists():
                 return []
