@@ -165,12 +165,15 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
                for line in lines)
     # --cold: `alexnet train` and `--no-track` as a user starts them, the difference printed and recorded.
     assert any(re.match(r"  a cold command \(epochs=1 train_limit=256\): alexnet train [0-9.]+ s against --no-track "
-                        r"[0-9.]+ s: [+-][0-9.]+ s a command", line) for line in lines), result.stdout
+                        r"[0-9.]+ s: [+-][0-9.]+ s a command \(target <= \+1 s\), of which [0-9.]+ s is a fresh "
+                        r"interpreter importing MLflow and its SQL store, nothing else; [+-][0-9.]+ s beyond that", line)
+               for line in lines), result.stdout
 
     record = json.loads(out.read_text())
     cold = record["cold"]
     assert len(cold["pairs"]) == 1 and cold["tracked_seconds"] > 0 and cold["untracked_seconds"] > 0
     assert cold["difference_seconds"] == pytest.approx(cold["tracked_seconds"] - cold["untracked_seconds"])
+    assert 0 < cold["mlflow_import_seconds"] == pytest.approx(cold["pairs"][0]["mlflow_imports"])
     rows = record["rounds"]
     assert [r["kind"] for r in rows] == ["plain", "tracked", "no-write", "metrics-only"]
     assert len({r["test_acc"] for r in rows}) == 1  # one seed, one CPU: the same training in every variant
