@@ -145,21 +145,23 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
 def _search_runs(experiment: str | None, sweep: str | None, parent: str | None, defaulted: bool):
     """`search` through MLflow's search API (a tracking server); None for a fresh store."""
     client = mlflow.MlflowClient()
-    filters = []
-    if sweep:
-        study_parent(sweep)
-        filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
-    if parent:
-        filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
+    exp_id = None
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None and defaulted:
             return None
         if exp is None:
             raise UsageError(no_experiment(experiment, [e.name for e in client.search_experiments()]))
-        kwargs = {"experiment_ids": [exp.experiment_id]}
-    else:
-        kwargs = {"search_all_experiments": True}
+        exp_id = exp.experiment_id
+    filters = []
+    if sweep:
+        known = studies(exp_id)  # in the experiment named, as the SQL path looks
+        if sweep not in known:
+            raise UsageError(no_sweep(sweep, known, "runs"))
+        filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
+    if parent:
+        filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
+    kwargs = {"experiment_ids": [exp_id]} if exp_id else {"search_all_experiments": True}
     return mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
 
 

@@ -213,7 +213,7 @@ def test_a_damaged_checkpoint_is_refused(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
-def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path):
+def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path, monkeypatch):
     """Runs shaped like a sweep's (a parent, its tagged trials, one pruned, two confirm runs) plus one
     plain run on other data: roles, the columns that differ, sorting by the header's names, and every
     empty result said in words."""
@@ -302,6 +302,16 @@ def test_leaderboard_filters_sweeps_and_parents_and_plots(home, capsys, tmp_path
     assert "no experiment 'nope'" in capsys.readouterr().err
     assert cli.main(["runs", "--sweep", "nosuch"]) == 2
     assert "runs: no sweep 'nosuch'" in (err := capsys.readouterr().err) and "(sweeps: s1)" in err
+    # A sweep is looked for in the experiment named, through the SQL query (the local store) and through
+    # MLflow's search API (a tracking server) alike; without one, in every experiment.
+    store.experiment_id("elsewhere")
+    for sql in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(runs.query, "is_sql", lambda uri, sql=sql: sql)
+            assert cli.main(["runs", "--experiment", "elsewhere", "--sweep", "s1"]) == 2
+            assert "runs: no sweep 's1'" in (err := capsys.readouterr().err) and "(sweeps: none yet)" in err
+            assert cli.main(["runs", "--sweep", "s1", "--json"]) == 0
+            assert [r["trial"] for r in json.loads(capsys.readouterr().out)] == [1, 0, 2, 3]
     assert cli.main(["runs", "--sort", "speed"]) == 2
     assert "examples/s" in capsys.readouterr().err
     assert cli.main(["runs", "--status", "failed"]) == 0
