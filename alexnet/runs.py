@@ -69,9 +69,9 @@ def studies(experiment_id: str | None = None) -> dict:
     return {r.data.tags["sweep.study"]: r for r in parents if "sweep.study" in r.data.tags}
 
 
-def study_parent(name: str, command: str = "runs"):
-    """The study's parent run, or a UsageError naming the sweeps there are."""
-    known = studies()
+def study_parent(name: str, command: str = "runs", experiment_id: str | None = None):
+    """The study's parent run, in one experiment or all, or a UsageError naming the sweeps there are."""
+    known = studies(experiment_id)
     if name not in known:
         raise UsageError(no_sweep(name, known, command))
     return known[name]
@@ -155,9 +155,7 @@ def _search_runs(experiment: str | None, sweep: str | None, parent: str | None, 
         exp_id = exp.experiment_id
     filters = []
     if sweep:
-        known = studies(exp_id)  # in the experiment named, as the SQL path looks
-        if sweep not in known:
-            raise UsageError(no_sweep(sweep, known, "runs"))
+        study_parent(sweep, experiment_id=exp_id)  # in the experiment named, as the SQL path looks
         filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
