@@ -41,7 +41,7 @@ def add_tracking_arg(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alexnet.config import describe_fields
+    from alexnet.training.config import describe_fields
     from alexnet.sweep.spec import describe_keys
 
     parser = argparse.ArgumentParser(

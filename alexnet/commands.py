@@ -11,7 +11,7 @@ from alexnet import UsageError
 
 
 def cmd_train(args) -> int:
-    from alexnet.config import load_config
+    from alexnet.training.config import load_config
 
     resume = args.resume
     parse_tags(args.tags)  # checked before anything starts
@@ -19,17 +19,17 @@ def cmd_train(args) -> int:
         if args.file or args.sets or args.no_track or args.tags:
             raise UsageError("--resume continues a run with its own config and tags: drop the experiment file, --set, "
                              "--tag and --no-track")
-        from alexnet import tracking
+        from alexnet.tracking import lifecycle
 
-        cfg = tracking.resume_config(resume)
+        cfg = lifecycle.resume_config(resume)
     elif not args.file:
         raise UsageError("name an experiment file (e.g. experiments/smoke.toml), or --resume RUN_ID")
     else:
         cfg = load_config(args.file, args.sets)  # checked before torch is even imported
     from tqdm import tqdm
 
-    from alexnet import data
-    from alexnet.train import Diverged, check_device, resolve_precision, train
+    from alexnet.training import data
+    from alexnet.training.train import Diverged, check_device, resolve_precision, train
 
     say = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     device = check_device(cfg)  # a missing or unusable device: one line, before anything else
@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
                 records.append(record)
                 say(epoch_line(record, cfg.epochs))
         else:
-            from alexnet import home, tracking
+            from alexnet import home
+            from alexnet.tracking import lifecycle
 
             home.announce(cfg.experiment)
 
@@ -54,7 +55,7 @@ def cmd_train(args) -> int:
                 started["run_id"] = run_id
                 say(f"{what}\nmlflow run {run_id} (if it stops early: alexnet train --resume {run_id})")
 
-            run = tracking.tracked_train(cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
+            run = lifecycle.tracked_train(cfg, source=args.file, progress=not args.quiet, resume_run_id=resume,
                                          tags=parse_tags(args.tags), on_start=on_start,
                                          on_epoch=lambda record, run_id: say(epoch_line(record, cfg.epochs)))
             records = run.records
@@ -99,21 +100,21 @@ def summary_line(r) -> str:
 
 
 def cmd_reproduce(args) -> int:
-    """Train a run again from its record and compare, epoch by epoch (alexnet/reproduce.py)."""
-    from alexnet import reproduce
+    """Train a run again from its record and compare, epoch by epoch (alexnet/team/reproduce.py)."""
+    from alexnet.team import reproduce
 
     return reproduce.reproduce(args.run_id, force=args.force, quiet=args.quiet)
 
 
 def cmd_summary(args) -> int:
-    from alexnet.model import summary
+    from alexnet.training.model import summary
 
     print(summary(args.resize))
     return 0
 
 
 def cmd_config(args) -> int:
-    from alexnet.config import load_config, to_toml
+    from alexnet.training.config import load_config, to_toml
 
     print(to_toml(load_config(args.file, args.sets)), end="")
     return 0
@@ -124,7 +125,7 @@ def cmd_demo(args) -> int:
     small smoke sweep, the sweep's leaderboard and the command that opens the MLflow UI."""
     import torch
 
-    from alexnet import runs
+    from alexnet.compare import runs
     from alexnet.sweep import launcher, report, spec
 
     root = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def cmd_sweep(args) -> int:
         from alexnet.sweep import local_workers
 
         waiting = local_workers.start(args.workers, sweep.config["device"])
-    from alexnet import runs
+    from alexnet.compare import runs
     from alexnet.sweep import launcher, report
 
     result = launcher.run_sweep(sweep, args.workers, quiet=args.quiet, cluster=cluster, waiting=waiting,
@@ -193,19 +194,21 @@ def cmd_confirm(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    """A sweep's confirmed winner into MLflow's model registry, alias 'champion' (alexnet/promote.py)."""
-    from alexnet import promote
+    """A sweep's confirmed winner into MLflow's model registry, alias 'champion' (alexnet/team/promote.py)."""
+    from alexnet.team import promote
 
     return promote.promote(args.study, force=args.force, quiet=args.quiet)
 
 
 def cmd_runs(args) -> int:
-    """The leaderboard: one row per run, best first (alexnet/runs.py)."""
-    from alexnet import home, runs, store
+    """The leaderboard: one row per run, best first (alexnet/compare/runs.py)."""
+    from alexnet import home
+    from alexnet.compare import runs
+    from alexnet.tracking import store
 
     if args.pareto and not args.sweep:
         raise UsageError("--pareto prints a sweep's Pareto front: name the sweep with --sweep STUDY")
-    # the board reads the store's tables itself (alexnet/query.py); the front goes through MLflow
+    # the board reads the store's tables itself (alexnet/compare/query.py); the front goes through MLflow
     store.set_up_store(open_store=args.pareto)
     home.announce(args.experiment or (None if args.sweep or args.parent else store.DEFAULT_EXPERIMENT))
     if args.pareto:
@@ -229,7 +232,7 @@ def cmd_runs(args) -> int:
     if args.plot:
         if board.empty:
             raise UsageError(f"--plot: nothing to draw: {runs.empty_words(board, select)}")
-        from alexnet import plots  # matplotlib: only for --plot
+        from alexnet.compare import plots  # matplotlib: only for --plot
 
         labels = [name if isinstance(name, str) and name else r[:8] for name, r in zip(board["run"], board["run_id"])]
         print(f"wrote {plots.plot_curves(list(board['run_id']), args.plot, labels)}", file=sys.stderr)
@@ -257,8 +260,10 @@ def cmd_runs(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    """The retention policy applied to every run; MLflow-deleted runs removed for good (alexnet/cleanup.py)."""
-    from alexnet import cleanup, home, store
+    """The retention policy applied to every run; MLflow-deleted runs removed for good (alexnet/team/cleanup.py)."""
+    from alexnet.team import cleanup
+    from alexnet import home
+    from alexnet.tracking import store
 
     store.set_up_store()
     home.announce(None)
@@ -266,24 +271,24 @@ def cmd_gc(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """The MLflow UI on the project's store (alexnet/ui.py)."""
-    from alexnet import ui
+    """The MLflow UI on the project's store (alexnet/compare/ui.py)."""
+    from alexnet.compare import ui
 
     return ui.serve(args.host, args.port, args.allowed_hosts, args.experiment, sweep=args.sweep, top=args.top,
                     open_browser=args.open)
 
 
 def cmd_server(args) -> int:
-    """The team's MLflow tracking server on PostgreSQL, with the Optuna database (alexnet/server.py)."""
-    from alexnet import server
+    """The team's MLflow tracking server on PostgreSQL, with the Optuna database (alexnet/team/server.py)."""
+    from alexnet.team import server
 
     return server.serve(args.database, args.artifacts, args.host, args.port, args.allowed_hosts,
                         args.password_file, args.mlflow_db, args.optuna_db)
 
 
 def cmd_push(args) -> int:
-    """Copy local runs, and a sweep's Optuna study, to the team's servers (alexnet/push.py)."""
-    from alexnet import push
+    """Copy local runs, and a sweep's Optuna study, to the team's servers (alexnet/team/push.py)."""
+    from alexnet.team import push
 
     to_uri = args.to_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not to_uri or not to_uri.startswith(("http://", "https://")):

@@ -50,8 +50,8 @@ def build(n: int, seed: int = 0) -> dict:
     import mlflow
     from mlflow.entities import Metric, Param
 
-    from alexnet import store
-    from alexnet.config import Config
+    from alexnet.tracking import store
+    from alexnet.training.config import Config
 
     store.set_up_store()
     client = mlflow.MlflowClient()

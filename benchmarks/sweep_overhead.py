@@ -40,9 +40,9 @@ TARGET_TRIAL_S, TARGET_START_S, TARGET_END_S = 1.0, 2.0, 2.0
 PLAIN = """
 import json, sys, time
 t0 = time.perf_counter()
-from alexnet import data
-from alexnet.config import Config
-from alexnet.train import train
+from alexnet.training import data
+from alexnet.training.config import Config
+from alexnet.training.train import train
 configs = [Config(**c) for c in json.loads(sys.argv[1])]
 data.prepare(configs[0].data_dir)
 ready = time.perf_counter() - t0

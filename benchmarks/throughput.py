@@ -1,6 +1,6 @@
 """The book's pipeline against the fast one, side by side: one device, one process, alternating.
 
-Each pipeline is the project's own `train()` (alexnet/train.py) with `pipeline = "book"` or "fast";
+Each pipeline is the project's own `train()` (alexnet/training/train.py) with `pipeline = "book"` or "fast";
 the script advances the trainings in turn, one epoch each, so every pipeline meets the device in the
 same state and any drift in the machine's speed hits them alike. Two modes:
 
@@ -16,7 +16,7 @@ same state and any drift in the machine's speed hits them alike. Two modes:
 
 Printed per pipeline: examples/s as the book counts them (training examples / summed step time:
 data loading and evaluation left out), examples/s end to end (training examples / whole epochs,
-evaluation included), achieved TFLOP/s and MFU on both clocks (what is counted: alexnet/perf.py),
+evaluation included), achieved TFLOP/s and MFU on both clocks (what is counted: alexnet/training/perf.py),
 and the ratio to the book pipeline. A JSON record goes to benchmarks/results/ (see its README).
 It imports neither mlflow nor optuna, so it runs on a bare GPU machine with torch and torchvision.
 """
@@ -44,9 +44,10 @@ import torchvision  # noqa: E402
 # The book's 4 workers are the point of the book pipeline, even where torch suggests fewer.
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 
-from alexnet import UsageError, perf  # noqa: E402
-from alexnet.config import Config, parse_sets  # noqa: E402
-from alexnet.train import resolve_device, speed_switches, train  # noqa: E402
+from alexnet import UsageError  # noqa: E402
+from alexnet.training import perf
+from alexnet.training.config import Config, parse_sets  # noqa: E402
+from alexnet.training.train import resolve_device, speed_switches, train  # noqa: E402
 
 # Pipelines by name: config overrides on top of the shared settings.
 VARIANTS = {

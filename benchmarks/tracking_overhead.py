@@ -1,6 +1,6 @@
 """What tracking costs: the same training with and without MLflow, in one process, alternating.
 
-"Without" is the project's `train(cfg)` alone; "with" is `tracking.tracked_train(cfg)`: params, tags,
+"Without" is the project's `train(cfg)` alone; "with" is `lifecycle.tracked_train(cfg)`: params, tags,
 config, per-epoch metrics, system metrics, the heartbeat, checkpoints `last.pt` every epoch and
 `best.pt` when test accuracy improved (copied at once, written by a background thread), the
 learning-curve PNG, and the best model logged with `mlflow.pytorch.log_model` at the end. The runs go
@@ -51,7 +51,7 @@ DEFAULT = ["resize=67", "lr=0.05", "epochs=3", "train_limit=2048", "test_limit=5
 
 
 def run_plain(cfg):
-    from alexnet.train import train
+    from alexnet.training.train import train
 
     t0 = time.perf_counter()
     records = list(train(cfg, progress=False))
@@ -61,7 +61,7 @@ def run_plain(cfg):
 def run_tracked(cfg, skip=()):
     """`tracked_train(cfg)`; `skip` names checkpoint steps the background writer leaves out this once:
     "write" (serializing, hashing, writing the files) and "host" (the copy to the host)."""
-    from alexnet import checkpoint, tracking
+    from alexnet.tracking import checkpoint, lifecycle
 
     saved = checkpoint.publish, checkpoint.to_host
     if "write" in skip:
@@ -70,7 +70,7 @@ def run_tracked(cfg, skip=()):
         checkpoint.to_host = lambda tree, ready=None: tree
     try:
         t0 = time.perf_counter()
-        run = tracking.tracked_train(cfg, progress=False)
+        run = lifecycle.tracked_train(cfg, progress=False)
         return time.perf_counter() - t0, run.records
     finally:
         checkpoint.publish, checkpoint.to_host = saved
@@ -78,24 +78,24 @@ def run_tracked(cfg, skip=()):
 
 # The steps of a tracked run, timed where they run (--steps): (what, module, attribute).
 STEPS = [
-    ("checks: device, data, store", "alexnet.tracking", "preflight"),
-    ("experiment lookup", "alexnet.store", "experiment_id"),
-    ("the record: git, versions, data checksums", "alexnet.record", "describe"),
+    ("checks: device, data, store", "alexnet.tracking.lifecycle", "preflight"),
+    ("experiment lookup", "alexnet.tracking.store", "experiment_id"),
+    ("the record: git, versions, data checksums", "alexnet.tracking.record", "describe"),
     ("run creation", "mlflow.tracking.client", "MlflowClient.create_run"),
     ("tags, params, metrics (log_batch)", "mlflow.tracking.client", "MlflowClient.log_batch"),
     ("config.toml", "mlflow.tracking.client", "MlflowClient.log_text"),
-    ("record files, dataset inputs", "alexnet.record", "log_record"),
-    ("heartbeat (start)", "alexnet.store", "start_heartbeat"),
-    ("system metrics (start)", "alexnet.tracking", "SystemMetrics.start"),
-    ("system metrics (stop)", "alexnet.tracking", "SystemMetrics.finish"),
-    ("checkpoint snapshot", "alexnet.checkpoint", "Writer.submit"),
-    ("checkpoint write and checksum", "alexnet.checkpoint", "publish"),
-    ("best.pt from last.pt", "alexnet.checkpoint", "keep_last_as_best"),
-    ("learning curves", "alexnet.plots", "log_curves"),
-    ("the model: build, save, log", "alexnet.record", "log_model"),
-    ("waiting for the checkpoint writer", "alexnet.checkpoint", "Writer.close"),
-    ("the run's disk use", "alexnet.disk", "measure"),
-    ("ending the run", "alexnet.tracking", "end_run"),
+    ("record files, dataset inputs", "alexnet.tracking.record", "log_record"),
+    ("heartbeat (start)", "alexnet.tracking.store", "start_heartbeat"),
+    ("system metrics (start)", "alexnet.tracking.lifecycle", "SystemMetrics.start"),
+    ("system metrics (stop)", "alexnet.tracking.lifecycle", "SystemMetrics.finish"),
+    ("checkpoint snapshot", "alexnet.tracking.checkpoint", "Writer.submit"),
+    ("checkpoint write and checksum", "alexnet.tracking.checkpoint", "publish"),
+    ("best.pt from last.pt", "alexnet.tracking.checkpoint", "keep_last_as_best"),
+    ("learning curves", "alexnet.compare.plots", "log_curves"),
+    ("the model: build, save, log", "alexnet.tracking.record", "log_model"),
+    ("waiting for the checkpoint writer", "alexnet.tracking.checkpoint", "Writer.close"),
+    ("the run's disk use", "alexnet.tracking.disk", "measure"),
+    ("ending the run", "alexnet.tracking.lifecycle", "end_run"),
 ]
 
 
@@ -198,9 +198,9 @@ def main(argv=None) -> int:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the local store: SQLite + artifact files
 
     from alexnet import UsageError
-    from alexnet.config import load_config
+    from alexnet.training.config import load_config
     from alexnet.home import tracking_uri
-    from alexnet.train import resolve_device
+    from alexnet.training.train import resolve_device
 
     base = [] if args.baseline else DEFAULT
     try:

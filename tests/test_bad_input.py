@@ -15,7 +15,9 @@ import mlflow
 import optuna
 import pytest
 
-from alexnet import cli, datafiles, store
+from alexnet import cli
+from alexnet.training import datafiles
+from alexnet.tracking import store
 from alexnet.home import mlruns_dir
 from conftest import ROOT
 

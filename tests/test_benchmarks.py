@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet.model import flops_per_image
+from alexnet.training.model import flops_per_image
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "throughput.py"

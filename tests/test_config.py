@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from alexnet import UsageError
-from alexnet.config import Config, load_config, to_toml
+from alexnet.training.config import Config, load_config, to_toml
 from conftest import ROOT, run_cli
 
 

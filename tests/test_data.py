@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from alexnet import UsageError, data, datafiles
+from alexnet import UsageError
+from alexnet.training import data, datafiles
 
 DEBIAN = datafiles.DEBIAN_DIR
 SOURCE = Path(os.environ.get("ALEXNET_DATA_DIR") or DEBIAN)  # the real files, as this machine has them

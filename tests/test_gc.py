@@ -7,7 +7,8 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from alexnet import cli, disk, store
+from alexnet import cli
+from alexnet.tracking import disk, store
 
 MB = 10**6
 

@@ -83,9 +83,9 @@ def test_every_module_imports_alone():
     assert {m: r for m, (state, r) in results.items() if state != "ok"} == {}
 
 
-FAST_PATHS = ["alexnet.cli", "alexnet.sweep.spec", "alexnet.sweep.launcher", "alexnet.sweep.dry_run", "alexnet.runs",
-              "alexnet.store", "alexnet.datafiles", "alexnet.home", "alexnet.redact", "alexnet.ui", "alexnet.disk",
-              "alexnet.sweep.pareto", "alexnet.sweep.warm", "alexnet.sizes"]
+FAST_PATHS = ["alexnet.cli", "alexnet.sweep.spec", "alexnet.sweep.launcher", "alexnet.sweep.dry_run", "alexnet.compare.runs",
+              "alexnet.tracking.store", "alexnet.training.datafiles", "alexnet.home", "alexnet.redact", "alexnet.compare.ui", "alexnet.tracking.disk",
+              "alexnet.sweep.pareto", "alexnet.sweep.warm", "alexnet.training.sizes"]
 
 
 def test_the_fast_paths_do_not_load_torch():

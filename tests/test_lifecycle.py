@@ -10,8 +10,8 @@ import threading
 import mlflow
 import pytest
 
-from alexnet import checkpoint, record, store, tracking
-from alexnet.config import Config
+from alexnet.tracking import checkpoint, record, store, lifecycle
+from alexnet.training.config import Config
 from alexnet.home import mlruns_dir
 
 TINY = dict(resize=67, epochs=1, train_limit=64, test_limit=50, batch_size=32, eval_batch_size=50, lr=0.05)
@@ -34,7 +34,7 @@ def fail_params(real_log_batch):
 
 
 def stop_run(record_, run_id):
-    raise tracking.StopRun("KILLED", {"sweep.state": "PRUNED", "sweep.pruned_epoch": str(record_.epoch)})
+    raise lifecycle.StopRun("KILLED", {"sweep.state": "PRUNED", "sweep.pruned_epoch": str(record_.epoch)})
 
 
 def interrupt(record_, run_id):
@@ -55,9 +55,9 @@ CASES = {
     "model-logging": (("record.log_model", RuntimeError(f"export failed --password {SECRET}")), {}, {}, RuntimeError,
                       "FAILED", "RuntimeError"),
     "on-epoch-error": (None, {}, {"on_epoch": boom}, RuntimeError, "FAILED", "RuntimeError"),
-    "pruned": (None, {}, {"on_epoch": stop_run}, tracking.StopRun, "KILLED", None),
+    "pruned": (None, {}, {"on_epoch": stop_run}, lifecycle.StopRun, "KILLED", None),
     "ctrl-c": (None, {}, {"on_epoch": interrupt}, KeyboardInterrupt, "KILLED", None),
-    "diverged": (None, {"lr": 50.0, "train_limit": 128}, {}, tracking.Diverged, "FAILED", "diverged"),
+    "diverged": (None, {"lr": 50.0, "train_limit": 128}, {}, lifecycle.Diverged, "FAILED", "diverged"),
 }
 TARGETS = {"store.start_heartbeat": (store, "start_heartbeat"), "checkpoint.publish": (checkpoint, "publish"),
            "record.log_model": (record, "log_model"), "MlflowClient.log_batch": (mlflow.MlflowClient, "log_batch")}
@@ -72,7 +72,7 @@ def test_every_way_out_ends_the_run_once_and_the_next_run_starts_cleanly(home):
                 owner, attr = TARGETS[target]
                 patch.setattr(owner, attr, fail_params(client.log_batch) if error is None else fail(error))
             with pytest.raises(expected):
-                tracking.tracked_train(Config(**{**TINY, **extra}, run_name=name), progress=False, **kwargs)
+                lifecycle.tracked_train(Config(**{**TINY, **extra}, run_name=name), progress=False, **kwargs)
         [run] = mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_name = '{name}'",
                                    output_format="list")
         assert run.info.status == status, name
@@ -86,7 +86,7 @@ def test_every_way_out_ends_the_run_once_and_the_next_run_starts_cleanly(home):
         assert not alive, (name, alive)
 
     # After all that, in the same process: a run that simply finishes.
-    run = tracking.tracked_train(Config(**TINY, run_name="clean"), progress=False)
+    run = lifecycle.tracked_train(Config(**TINY, run_name="clean"), progress=False)
     assert mlflow.get_run(run.run_id).info.status == "FINISHED"
     # No secret from any error message reached the store.
     with sqlite3.connect(mlruns_dir() / "mlflow.db") as db:
@@ -99,6 +99,6 @@ def test_a_bad_device_or_data_is_refused_before_the_run_exists(home, tmp_path):
     store.set_up_store()
     exp = store.experiment_id(store.DEFAULT_EXPERIMENT)
     for bad in ({"device": "cuda:3"}, {"data_dir": str(tmp_path / "nowhere")}):
-        with pytest.raises(tracking.UsageError):
-            tracking.tracked_train(Config(**TINY, **bad), progress=False)
+        with pytest.raises(lifecycle.UsageError):
+            lifecycle.tracked_train(Config(**TINY, **bad), progress=False)
     assert mlflow.MlflowClient().search_runs([exp]) == []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alexnet import UsageError
-from alexnet.model import alexnet, count_parameters, flatten_width, flops_per_image, layer_shapes
+from alexnet.training.model import alexnet, count_parameters, flatten_width, flops_per_image, layer_shapes
 from conftest import run_cli
 
 # Printed in the chapter (d2l 7.1, "每层输出的形状") for X = torch.randn(1, 1, 224, 224).
@@ -92,9 +92,9 @@ def test_flop_count_agrees_with_torchs_own_counter(resize):
 
 @pytest.mark.parametrize("resize", [67, 75, 96, 131, 224, 227])
 def test_the_torch_free_flop_count_agrees_with_the_networks(resize):
-    """`alexnet.sizes.flops_per_image` (what a cost-aware sweep's launcher and workers price trials with)
+    """`alexnet.training.sizes.flops_per_image` (what a cost-aware sweep's launcher and workers price trials with)
     against the count on the built network."""
-    from alexnet import sizes
+    from alexnet.training import sizes
 
     assert sizes.flops_per_image(resize) == flops_per_image(resize)
 
@@ -104,7 +104,7 @@ def test_the_forward_pass_at_224_is_1_876_gflop():
 
 
 def test_the_raw_image_model_takes_uint8_or_unit_floats_and_refuses_0_255_floats():
-    from alexnet.model import RawImages, alexnet
+    from alexnet.training.model import RawImages, alexnet
 
     model = RawImages(alexnet(resize=67).eval(), 67).eval()
     images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)

@@ -20,8 +20,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import create_trial
 
-from alexnet import UsageError, cli, sizes
-from alexnet.cleanup import trial_items
+from alexnet import UsageError, cli
+from alexnet.training import sizes
+from alexnet.team.cleanup import trial_items
 from alexnet.sweep import costs
 from alexnet.sweep.spec import load_sweep
 from alexnet.sweep.study import pareto_front, ranked, seeded, tally
@@ -188,7 +189,7 @@ def test_the_front_of_a_two_objective_study_is_optunas_non_dominated_set():
 
 
 def test_costs_from_what_a_trial_measured(tmp_path):
-    from alexnet.train import EpochRecord
+    from alexnet.training.train import EpochRecord
 
     records = [EpochRecord(1, 2.0, 0.1, 0.1, 0.1, 1, 400.0, 300.0, 3.0), EpochRecord(2, 1.0, 0.2, 0.2, 0.2, 2, 500.0, 350.0, 5.0)]
     measured = costs.measure(records, 96)

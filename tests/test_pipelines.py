@@ -6,9 +6,9 @@ import statistics
 import pytest
 import torch
 
-from alexnet import data
-from alexnet.config import Config
-from alexnet.train import speed_switches, train
+from alexnet.training import data
+from alexnet.training.config import Config
+from alexnet.training.train import speed_switches, train
 
 
 def test_both_pipelines_visit_the_same_examples_in_the_same_order():

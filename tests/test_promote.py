@@ -17,9 +17,11 @@ import mlflow
 import pytest
 import torch
 
-from alexnet import cli, data, datafiles, disk, store, tracking
+from alexnet import cli
+from alexnet.training import data, datafiles
+from alexnet.tracking import disk, store, lifecycle
 from alexnet import home as home_module
-from alexnet.config import Config
+from alexnet.training.config import Config
 from conftest import ROOT
 
 TINY = dict(resize=67, epochs=1, train_limit=128, val_size=100, test_limit=100, batch_size=64, eval_batch_size=100)
@@ -56,7 +58,7 @@ def sweep_parent(client, study: str, experiment: str, confirmed: dict | None) ->
 
 
 def trial_run(study: str, parent: str, lr: float, experiment: str = NAME):
-    return tracking.tracked_train(Config(**TINY, lr=lr, experiment=experiment, run_name=f"{study}-trial-1"),
+    return lifecycle.tracked_train(Config(**TINY, lr=lr, experiment=experiment, run_name=f"{study}-trial-1"),
                                   progress=False, parent_run_id=parent,
                                   tags={"sweep.study": study, "sweep.role": "trial", "sweep.trial": "1"})
 

@@ -15,8 +15,10 @@ import mlflow
 import pytest
 import torch
 
-from alexnet import checkout, checkpoint, cli, datafiles, record, store, tracking
-from alexnet.config import Config, to_toml
+from alexnet.tracking import checkout, checkpoint, record, store, lifecycle
+from alexnet import cli
+from alexnet.training import datafiles
+from alexnet.training.config import Config, to_toml
 from alexnet.home import tracking_uri, where
 from conftest import ROOT
 
@@ -32,7 +34,7 @@ def one_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ALEXNET_HOME", str(home))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        run = tracking.tracked_train(Config(**TINY, run_name="original"), progress=False)
+        run = lifecycle.tracked_train(Config(**TINY, run_name="original"), progress=False)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return home, run
 
@@ -203,7 +205,7 @@ def test_a_run_from_a_dirty_work_tree_is_reproduced_from_its_patch(tmp_path):
                        + "\n\nfrom alexnet.salt import SALT  # noqa: E402\n")
     (clone / "alexnet" / "salt.py").write_text("SALT = 7\n")
     in_clone(clone, home, "train", tmp_path / "tiny.toml", "--quiet")
-    git(clone, "checkout", "--", "alexnet/data.py")
+    git(clone, "checkout", "--", "alexnet/training/data.py")
     (clone / "alexnet" / "salt.py").unlink()
     assert git(clone, "status", "--porcelain") == ""
 
@@ -234,7 +236,8 @@ def test_a_run_from_a_dirty_work_tree_is_reproduced_from_its_patch(tmp_path):
 
 def test_a_commit_or_patch_git_cannot_use_is_refused_in_one_line(home):
     """git's own multi-line complaints come down to one line, and no worktree is left registered."""
-    from alexnet import UsageError, reproduce
+    from alexnet import UsageError
+    from alexnet.team import reproduce
 
     before = checkout.git("worktree", "list", "--porcelain", check=False).stdout
     with pytest.raises(UsageError) as missing:
@@ -253,7 +256,7 @@ def test_a_commit_or_patch_git_cannot_use_is_refused_in_one_line(home):
 def test_what_a_difference_means_identical_on_the_cpu_within_a_stated_tolerance_on_a_gpu():
     """The verdict alone (no GPU here): exact on the CPU or with deterministic = true; on a GPU with cuDNN's
     autotuning, accuracies within GPU_ACC_TOLERANCE; anything may differ with other code or versions."""
-    from alexnet.reproduce import GPU_ACC_TOLERANCE, verdict
+    from alexnet.team.reproduce import GPU_ACC_TOLERANCE, verdict
 
     def rows(acc_diff, loss_diff=0.05):
         return [(1, "test/acc", 0.8, 0.8 + acc_diff, acc_diff), (1, "train/loss", 0.5, 0.5 + loss_diff, loss_diff)]

@@ -9,7 +9,9 @@ import sys
 
 import mlflow
 
-from alexnet import checkpoint, cli, runs, store
+from alexnet.tracking import checkpoint, store
+from alexnet import cli
+from alexnet.compare import runs
 from conftest import ROOT, default_sigint, wait_for
 
 SETS = ["resize=67", "lr=0.05", "epochs=3", "train_limit=128", "test_limit=100", "batch_size=16",
@@ -98,7 +100,7 @@ def checkpoint_epoch(data: bytes) -> int:
 
     import torch
 
-    from alexnet.checkpoint import HEADER_BYTES
+    from alexnet.tracking.checkpoint import HEADER_BYTES
 
     return torch.load(io.BytesIO(data[HEADER_BYTES:]), weights_only=True)["epoch"]
 

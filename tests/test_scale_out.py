@@ -254,7 +254,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
     assert not client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
 
     # Over HTTP: metrics, the kept trials' checkpoints and model; the others' deleted through the server.
-    from alexnet import checkpoint
+    from alexnet.tracking import checkpoint
     from alexnet.sweep.study import ranked
 
     kept = {t.number for t in ranked(study, "maximize")[:2]}

@@ -14,7 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from sqlalchemy.exc import OperationalError
 
-from alexnet import UsageError, checkpoint, store
+from alexnet import UsageError
+from alexnet.tracking import checkpoint, store
 from alexnet.home import default_tracking_uri, mlruns_dir
 from alexnet.redact import redact
 from alexnet.sweep import parent

@@ -454,7 +454,7 @@ def test_retention_ranks_and_reads_states_from_one_snapshot(monkeypatch):
     for a finished trial outside the top K: its checkpoints would go, though it may be the best."""
     from types import SimpleNamespace as NS
 
-    from alexnet import disk
+    from alexnet.tracking import disk
     from alexnet.sweep import retention
 
     def trial(number, state, value):
@@ -513,7 +513,7 @@ def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path):
 
 def test_objective_names_are_the_trainers_metrics():
     from alexnet.sweep.spec import OBJECTIVES
-    from alexnet.train import EpochRecord
+    from alexnet.training.train import EpochRecord
 
     validated = EpochRecord(*[0] * 9, val_acc=0, best_val_acc=0, test_acc_at_best_val=0)
     assert list(OBJECTIVES) == list(validated.metrics())

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from filelock import FileLock
 
-from alexnet import ui
+from alexnet.compare import ui
 from conftest import ROOT, default_sigint, wait_for
 
 SWEEP = """

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet import UsageError, checkpoint, cli, data, disk, runs, store, tracking
+from alexnet import UsageError, cli
+from alexnet.tracking import checkpoint, disk, store, lifecycle
+from alexnet.training import data
+from alexnet.compare import runs
 from alexnet.home import tracking_uri
-from alexnet.config import Config, to_toml
-from alexnet.model import alexnet
+from alexnet.training.config import Config, to_toml
+from alexnet.training.model import alexnet
 from conftest import ROOT, file_size_limit
 
 TINY = dict(resize=67, lr=0.05, epochs=2, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
@@ -35,7 +38,7 @@ def one_run(tmp_path_factory):
     argv, sys.argv = sys.argv, ["alexnet", "train", "x.toml", "--tracking-uri", "http://bob:hunter2@example.org"]
     try:
         cfg = Config(**TINY, run_name="tracked")
-        run = tracking.tracked_train(cfg, source="x.toml", tags={"note": "token=hunter2"}, progress=False)
+        run = lifecycle.tracked_train(cfg, source="x.toml", tags={"note": "token=hunter2"}, progress=False)
     finally:
         sys.argv = argv
         for k, v in saved.items():
@@ -155,7 +158,7 @@ def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tra
     """The README's "Load the model" snippet, as it stands there, run in a fresh process from the project
     folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
     the `~/.cache/alexnet` the snippet reads the test images from: this machine's cache."""
-    from alexnet import datafiles
+    from alexnet.training import datafiles
 
     cfg, run = tracked
     snippet = (ROOT / "README.md").read_text().split("### Load the model")[1].split("```python\n")[1].split("```")[0]
@@ -194,7 +197,7 @@ def test_delete_checkpoints_frees_the_big_files_and_keeps_the_record(tracked):
                                        experiment_ids=[got.info.experiment_id]) == []
     client.set_terminated(run.run_id, "KILLED")  # as if it had been stopped: still nothing to resume from
     with pytest.raises(UsageError, match="checkpoints were deleted"):
-        tracking.resume_config(run.run_id)
+        lifecycle.resume_config(run.run_id)
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path):
@@ -339,11 +342,11 @@ def test_leaderboard_of_an_empty_store_says_so(home, capsys):
 def test_an_empty_run_name_is_derived_from_the_file_lr_resize_and_start_time():
     import re
 
-    from alexnet.config import FIELDS
+    from alexnet.training.config import FIELDS
 
-    assert re.fullmatch(r"smoke-lr0\.1-r67-\d{4}-\d{6}", tracking.default_run_name(Config(lr=0.1, resize=67),
+    assert re.fullmatch(r"smoke-lr0\.1-r67-\d{4}-\d{6}", lifecycle.default_run_name(Config(lr=0.1, resize=67),
                                                                                      "experiments/smoke.toml"))
-    assert tracking.default_run_name(Config(), None).startswith("run-lr0.01-r224-")
+    assert lifecycle.default_run_name(Config(), None).startswith("run-lr0.01-r224-")
     assert "experiment file's name, lr, resize and start time" in FIELDS["run_name"].metadata["help"]
 
 
@@ -407,7 +410,7 @@ def test_a_write_that_fails_inside_torch_save_is_an_oserror_not_an_abort(tmp_pat
     script = """
 import errno, sys, torch
 from pathlib import Path
-from alexnet import checkpoint
+from alexnet.tracking import checkpoint
 checkpoint.check_room = lambda *args: None
 try:
     checkpoint.save({"w": torch.ones(1 << 20)}, Path(sys.argv[1]) / "last.pt")
@@ -438,7 +441,7 @@ def test_a_full_disk_ends_the_run_failed_in_one_line(home):
     it fail with EFBIG, as they fail with ENOSPC on a full disk) ends the run FAILED with the reason,
     and `alexnet train` exits 1 with one line. Left to fail under torch's zip writer, the write would
     raise an unrelated error, and can abort the process from a destructor (SIGABRT, exit 134)."""
-    from alexnet import data
+    from alexnet.training import data
 
     data.prepare()  # the dataset cache is written here, before the limit
     overrides = [f"--set={k}={v}" for k, v in TINY.items()]

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from alexnet.config import load_config
-from alexnet.train import train
+from alexnet.training.config import load_config
+from alexnet.training.train import train
 from conftest import ROOT
 
 TINY = ["resize=67", "train_limit=256", "test_limit=200", "epochs=2", "batch_size=64", "lr=0.05"]
@@ -64,7 +64,7 @@ def test_compiled_training_compiles_only_before_the_clock_starts(monkeypatch):
     An evaluation graph warmed up with gradients on is compiled a second time under `no_grad`."""
     from torch._dynamo.utils import counters
 
-    import alexnet.train as train_module
+    import alexnet.training.train as train_module
 
     torch._dynamo.reset()
     after_warmup = {}

@@ -18,9 +18,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import create_trial
 
-from alexnet import cli, promote, store, tracking, ui
+from alexnet import cli
+from alexnet.team import promote
+from alexnet.tracking import store, lifecycle
+from alexnet.compare import ui
 from alexnet import home as home_module
-from alexnet.config import Config
+from alexnet.training.config import Config
 from alexnet.sweep import figures
 from conftest import ROOT, wait_for
 
@@ -62,7 +65,7 @@ def served(tmp_path_factory):
             client.log_param(parent.info.run_id, k, v)
         for name, lr in RUNS.items():
             tags = {"sweep.study": "uis", "sweep.role": "trial", "sweep.trial": name[-1]} if "trial" in name else {}
-            tracking.tracked_train(Config(**TINY, lr=lr, run_name=name), progress=False, tags=tags,
+            lifecycle.tracked_train(Config(**TINY, lr=lr, run_name=name), progress=False, tags=tags,
                                    parent_run_id=parent.info.run_id if tags else None)
         client.set_terminated(parent.info.run_id, "FINISHED")
         browser = home / "browser.sh"

@@ -11,10 +11,13 @@ import mlflow
 import pytest
 import torch
 
-import alexnet.train as train_module
-from alexnet import UsageError, data, runs, store
-from alexnet.config import Config, load_config
-from alexnet.train import train
+import alexnet.training.train as train_module
+from alexnet import UsageError
+from alexnet.training import data
+from alexnet.compare import runs
+from alexnet.tracking import store
+from alexnet.training.config import Config, load_config
+from alexnet.training.train import train
 from conftest import ROOT
 
 TINY = ["resize=67", "train_limit=128", "test_limit=100", "epochs=2", "batch_size=32", "lr=0.05"]
@@ -103,7 +106,7 @@ def test_val_size_0_trains_and_reports_exactly_as_the_trainer_before_the_split(t
     if subprocess.run(["git", "cat-file", "-e", f"{BEFORE_THE_SPLIT}^{{commit}}"], cwd=ROOT).returncode != 0:
         pytest.skip(f"commit {BEFORE_THE_SPLIT[:12]} is not in this clone's history (a shallow clone?)")
     budgets = {"fast": TINY, "book": TINY + ["pipeline=book", "num_workers=0"]}
-    script = ("import json, sys\nfrom alexnet.config import load_config\nfrom alexnet.train import train\n"
+    script = ("import json, sys\nfrom alexnet.training.config import load_config\nfrom alexnet.training.train import train\n"
               "for sets in json.loads(sys.argv[1]):\n"
               "    records = list(train(load_config(None, sets), progress=False))\n"
               "    print(json.dumps([[{k: v for k, v in r.metrics().items() if not k.startswith('perf/')}, r.best_epoch]"

@@ -34,14 +34,15 @@ import mlflow
 import numpy as np
 from scipy import stats
 
-from alexnet import UsageError, disk, home, store
-from alexnet.config import Config
+from alexnet import UsageError, home
+from alexnet.tracking import disk, store
+from alexnet.training.config import Config
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import format_params
 from alexnet.sweep.study import load_study, objective_value, ranked
-from alexnet.tracking import tracked_train
-from alexnet.train import Diverged
-from alexnet.views import NOTE
+from alexnet.tracking.lifecycle import tracked_train
+from alexnet.training.train import Diverged
+from alexnet.tracking.views import NOTE
 
 FIRST_SEED = 1000  # fresh seeds: the sweep trains every trial with the base config's seed (0 by default)
 ALPHA = 0.05
@@ -124,7 +125,7 @@ def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None
                 value, test = run.records[-1].metrics()[objective], run.records[-1].metrics().get(final, math.nan)
             except Diverged:
                 value = test = math.nan  # counted in n, left out of the mean: a config that diverges is not confirmed
-            # A confirm run is there for its metrics: its checkpoints and model go (alexnet/cleanup.py).
+            # A confirm run is there for its metrics: its checkpoints and model go (alexnet/team/cleanup.py).
             disk.delete_checkpoints(started["run_id"])
             c["values"].append(value)
             c["test_values"].append(test)

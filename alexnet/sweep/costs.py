@@ -2,7 +2,7 @@
 
 Every trial records its measurements in its user attributes (`measured`): its training seconds (the sum
 of its epochs'), its mean epoch seconds, its examples/s (the book's count, last epoch) and the FLOPs of one
-trained image (3x the forward pass at its resize: `alexnet.sizes`). A sweep with `cost = ...` minimises
+trained image (3x the forward pass at its resize: `alexnet.training.sizes`). A sweep with `cost = ...` minimises
 one of them as its second objective; one with `max_epoch_seconds = S` makes a trial whose epochs took
 longer on average infeasible (Optuna's constraint: the value `epoch_seconds - S` must be <= 0). A warm
 start prices an earlier study's trials from the same record. Torch-free: the launcher uses it.
@@ -10,14 +10,14 @@ start prices an earlier study's trials from the same record. Torch-free: the lau
 
 from __future__ import annotations
 
-from alexnet import sizes
+from alexnet.training import sizes
 from alexnet.sweep.spec import COSTS, Sweep
 
 CONSTRAINT = "epoch_seconds"  # the constraint's name in Optuna (a trial's system attribute)
 
 
 def measure(records: list, resize: int) -> dict[str, float]:
-    """A trial's measurements from its epoch records (`alexnet.train.EpochRecord`)."""
+    """A trial's measurements from its epoch records (`alexnet.training.train.EpochRecord`)."""
     seconds = [r.epoch_seconds for r in records]
     return {"train_seconds": sum(seconds), "epoch_seconds": sum(seconds) / len(seconds),
             "examples_per_sec": records[-1].examples_per_sec, "flops_per_image": 3 * sizes.flops_per_image(resize)}

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 
-from alexnet.config import MIN_RESIZE
+from alexnet.training.config import MIN_RESIZE
 from alexnet.home import default_storage, tracking_uri, where
 from alexnet.redact import redact
 from alexnet.sweep.launcher import run_sweep

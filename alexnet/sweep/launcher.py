@@ -1,6 +1,6 @@
 """`alexnet sweep FILE`: check everything, set the study up once, start the workers, watch, summarise.
 
-The launcher never imports torch: it checks the device (with NVML), the data (`alexnet/datafiles.py`) and
+The launcher never imports torch: it checks the device (with NVML), the data (`alexnet/training/datafiles.py`) and
 both stores before the parent run exists, then sets up, under the study lock, the study, the parent run
 and the base trial; then it starts N worker processes (`python -m alexnet.sweep.worker SLOT`), each with
 its own sampler seed (`seed + slot`: the same seed in two workers proposed duplicate configs), its share of
@@ -31,8 +31,10 @@ import mlflow
 import optuna
 from tqdm import tqdm
 
-from alexnet import UsageError, datafiles, home, sizes, store
-from alexnet.backends import check_database, lost_connection
+from alexnet import UsageError, home
+from alexnet.training import datafiles, sizes
+from alexnet.tracking import store
+from alexnet.team.backends import check_database, lost_connection
 from alexnet.home import artifacts_dir, is_local_default, sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.parent import existing_parent
@@ -43,7 +45,7 @@ from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space
 from alexnet.sweep.study import FINISHED_STATES, objective_value, open_study, ranked, seeded, study_lock, tally
 from alexnet.sweep.warm import WarmStart, enqueue, enqueued, seed
 from alexnet.sweep.warm import plan as warm_plan
-from alexnet.views import NOTE
+from alexnet.tracking.views import NOTE
 
 UNCOMPARED = {"device", "data_dir", "num_workers", "run_name"}  # may differ between resumes
 

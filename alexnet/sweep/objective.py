@@ -9,13 +9,13 @@ from __future__ import annotations
 import mlflow
 import optuna
 
-from alexnet.config import FIELDS, Config
+from alexnet.training.config import FIELDS, Config
 from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, format_params
-from alexnet.tracking import StopRun, tracked_train
-from alexnet.train import Diverged
-from alexnet.views import NOTE
+from alexnet.tracking.lifecycle import StopRun, tracked_train
+from alexnet.training.train import Diverged
+from alexnet.tracking.views import NOTE
 
 
 def suggest(trial, space: dict) -> dict:

@@ -7,7 +7,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from alexnet import UsageError, store
+from alexnet import UsageError
+from alexnet.tracking import store
 from alexnet.redact import first_line
 
 

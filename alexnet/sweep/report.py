@@ -10,14 +10,14 @@ from pathlib import Path
 
 import mlflow
 
-from alexnet import disk
+from alexnet.tracking import disk
 from alexnet.redact import redact
 from alexnet.sweep import figures
 from alexnet.sweep.costs import CONSTRAINT, describe
 from alexnet.sweep.pareto import FILE as PARETO_FILE, front_table
 from alexnet.sweep.retention import disk_usage
 from alexnet.sweep.spec import COSTS, Sweep, describe_space, format_params
-from alexnet.views import NOTE
+from alexnet.tracking.views import NOTE
 from alexnet.sweep.study import FINISHED_STATES, feasible, objective_value, pareto_front, ranked, seeded, tally
 
 

@@ -6,7 +6,7 @@ Callers hold the study lock, so two processes never delete the same run's artifa
 
 from __future__ import annotations
 
-from alexnet import disk
+from alexnet.tracking import disk
 from alexnet.sweep.parent import trial_runs
 from alexnet.sweep.spec import Sweep
 from alexnet.sweep.study import FINISHED_STATES, pareto_front, ranked, seeded

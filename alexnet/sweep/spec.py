@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from alexnet import UsageError
-from alexnet.config import FIELDS, MIN_RESIZE, Config, _f, check_keys, parse_sets, read_toml
+from alexnet.training.config import FIELDS, MIN_RESIZE, Config, _f, check_keys, parse_sets, read_toml
 from alexnet.home import default_storage
 from alexnet.redact import redact
 

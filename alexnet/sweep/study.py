@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from alexnet import UsageError
-from alexnet.config import FIELDS
+from alexnet.training.config import FIELDS
 from alexnet.home import SQLITE_TIMEOUT_S, default_storage, mlruns_dir, sqlite_path
 from alexnet.redact import first_line, redact
 from alexnet.sweep.costs import non_dominated

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from alexnet import UsageError
-from alexnet.config import parse_value
+from alexnet.training.config import parse_value
 from alexnet.home import default_storage, tracking_uri, where
 from alexnet.redact import redact
 from alexnet.sweep import costs

@@ -27,15 +27,17 @@ import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from alexnet import UsageError, data, record, store
-from alexnet.backends import lost_connection
-from alexnet.config import Config
+from alexnet import UsageError
+from alexnet.training import data
+from alexnet.tracking import record, store
+from alexnet.team.backends import lost_connection
+from alexnet.training.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
 from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import next_step, open_study, study_lock
-from alexnet.train import check_device
+from alexnet.training.train import check_device
 
 
 class Round:

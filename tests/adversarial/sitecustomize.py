@@ -6,7 +6,7 @@ anything runs exactly as without it."""
 import os
 
 if os.environ.get("ALEXNET_ADVERSARIAL_TEST_METRICS") == "1":
-    from alexnet.train import EpochRecord
+    from alexnet.training.train import EpochRecord
 
     honest = EpochRecord.metrics
 

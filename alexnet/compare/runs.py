@@ -7,7 +7,7 @@ with a validation split log every epoch, when any selected run has one, else by 
 metric is what makes its last value the one to rank by. `test@val` is the test accuracy of the epoch
 validation chose: the figure to report, not to rank by. Everything the board shows comes from one query
 (disk use too: the `disk_bytes` tag the run keeps current), and on a SQL store only the columns it shows are
-read (`alexnet/query.py`), so it stays fast however many runs there are.
+read (`alexnet/compare/query.py`), so it stays fast however many runs there are.
 
 Each run has a role (tag `sweep.role`): `run` (`alexnet train`), `parent` (a sweep's study), `trial` (one
 of its trials) or `confirm` (`alexnet confirm`'s re-runs). A sweep's board shows its trials; its confirm
@@ -19,7 +19,9 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
-from alexnet import UsageError, query, store
+from alexnet import UsageError
+from alexnet.compare import query
+from alexnet.tracking import store
 from alexnet.home import tracking_uri, where
 from alexnet.redact import redact
 
@@ -103,7 +105,7 @@ def top_trials(study: str, experiment_id: str, objective: str, direction: str, t
 
 # --- The leaderboard --------------------------------------------------------------------------------
 
-# What the board reads of each run: on a SQL store only these are read (alexnet/query.py).
+# What the board reads of each run: on a SQL store only these are read (alexnet/compare/query.py).
 PARAM_KEYS = [c.removeprefix("params.") for c in COLUMNS.values() if c.startswith("params.")]
 METRIC_KEYS = [c.removeprefix("metrics.") for c in COLUMNS.values() if c.startswith("metrics.")]
 TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "sweep.state", "sweep.pruned_epoch",
@@ -113,7 +115,7 @@ TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "swe
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
     """The selected runs as `mlflow.search_runs` gives them (all experiments when a sweep or a parent run
     is named without an experiment: the sweep's runs live wherever its base experiment does). On a SQL
-    store only the columns the board shows are read (`alexnet/query.py`)."""
+    store only the columns the board shows are read (`alexnet/compare/query.py`)."""
     uri = tracking_uri()
     defaulted = experiment is None and not (sweep or parent)
     if defaulted:

@@ -31,8 +31,8 @@ import mlflow
 import torch
 
 from alexnet import UsageError
-from alexnet.disk import listed, remove
-from alexnet.store import CHECKPOINTS as FOLDER, local_artifact_dir
+from alexnet.tracking.disk import listed, remove
+from alexnet.tracking.store import CHECKPOINTS as FOLDER, local_artifact_dir
 
 MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
 HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline

@@ -27,8 +27,9 @@ from mlflow.entities import ViewType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking._tracking_service.utils import _get_store
 
-from alexnet import disk, runs, store
-from alexnet.store import CHECKPOINTS
+from alexnet.tracking import disk, store
+from alexnet.compare import runs
+from alexnet.tracking.store import CHECKPOINTS
 from alexnet.sweep.costs import non_dominated
 
 

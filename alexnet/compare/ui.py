@@ -1,7 +1,7 @@
 """`alexnet ui`: the MLflow UI on the project's store, on 127.0.0.1 unless told otherwise.
 
 It starts `mlflow ui` (one worker) as a child process, waits until `/health` answers, prints the URLs
-that open where a user looks (`alexnet/views.py`: the model-training view, best first, the params and
+that open where a user looks (`alexnet/tracking/views.py`: the model-training view, best first, the params and
 accuracies as columns; a study's trials; the compare page of a study's top trials), optionally opens the
 first in a browser, and stops the server on Ctrl-C. Binding beyond loopback needs an explicit
 `--allowed-hosts`: MLflow refuses requests whose Host header it does not know, and a server on
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import mlflow
 
-from alexnet import UsageError, home, runs, store, views
+from alexnet import UsageError, home
+from alexnet.compare import runs
+from alexnet.tracking import store, views
 from alexnet.home import artifacts_dir, is_local_default, where
 from alexnet.redact import redact
 

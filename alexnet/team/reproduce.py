@@ -1,6 +1,6 @@
 """`alexnet reproduce RUN_ID`: train a run again from its record alone, and compare.
 
-What the record gives (`alexnet/record.py`): the resolved config (`config.toml`), the git commit, the
+What the record gives (`alexnet/tracking/record.py`): the resolved config (`config.toml`), the git commit, the
 patch of an uncommitted work tree (`code.patch`), the data's checksums, the device, the switches and the
 versions. The run is re-created with the same code:
 - this checkout is at the run's commit with the same uncommitted changes (none, usually): here, in
@@ -31,11 +31,13 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from alexnet import UsageError, checkout, data, datafiles, home, record, store, tracking
-from alexnet.config import Config, to_toml
+from alexnet import UsageError, home
+from alexnet.tracking import checkout, record, store, lifecycle
+from alexnet.training import data, datafiles
+from alexnet.training.config import Config, to_toml
 from alexnet.home import project_root, tracking_uri, where
 from alexnet.redact import redact
-from alexnet.train import check_device, resolve_device
+from alexnet.training.train import check_device, resolve_device
 
 TAG = "reproduces"
 SKIPPED = ("perf/", "system/")  # timings and the machine's load: never the same twice
@@ -101,7 +103,7 @@ def differences(run, cfg: Config) -> list[str]:
 
 
 def train_here(cfg: Config, tags: dict, quiet: bool) -> str:
-    return tracking.tracked_train(cfg, tags=tags, progress=not quiet).run_id
+    return lifecycle.tracked_train(cfg, tags=tags, progress=not quiet).run_id
 
 
 def last_line(stderr: bytes) -> str:

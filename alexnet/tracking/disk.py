@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from alexnet.store import CHECKPOINTS, local_artifact_dir
+from alexnet.tracking.store import CHECKPOINTS, local_artifact_dir
 
 TAG = "disk_bytes"
 

@@ -26,8 +26,9 @@ import sqlalchemy
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
 
-from alexnet import UsageError, ui
-from alexnet.backends import DRIVER_HINT, PASSWORD_HINT, engine
+from alexnet import UsageError
+from alexnet.compare import ui
+from alexnet.team.backends import DRIVER_HINT, PASSWORD_HINT, engine
 from alexnet.redact import first_line, redact
 
 MLFLOW_DB, OPTUNA_DB = "alexnet_mlflow", "alexnet_optuna"

@@ -25,8 +25,9 @@ import optuna
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from alexnet import UsageError, store
-from alexnet.backends import check_database
+from alexnet import UsageError
+from alexnet.tracking import store
+from alexnet.team.backends import check_database
 from alexnet.home import default_tracking_uri, mlruns_dir, where
 from alexnet.redact import first_line, redact
 

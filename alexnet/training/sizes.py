@@ -1,9 +1,9 @@
 """The network's sizes without torch: the feature maps' sides, the flatten width, the parameter count,
 the FLOPs of one image, and the bytes a run writes. The sweep launcher says how much a trial will write before it starts, and it
-never imports torch; `alexnet/model.py` builds the network from the same arithmetic.
+never imports torch; `alexnet/training/model.py` builds the network from the same arithmetic.
 
 Only the standard library and `alexnet/__init__.py` are imported here: a logged model that imports
-`alexnet.model` (see there) loads where torch is all there is.
+`alexnet.training.model` (see there) loads where torch is all there is.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parameter_count(resize: int) -> int:
 def flops_per_image(resize: int) -> int:
     """Forward multiply-adds x 2 of the conv and linear layers for one image (1,876,292,352 at 224), from
     the layer sides alone: a cost-aware sweep prices a trial with it where torch is not imported.
-    `alexnet.model.flops_per_image` counts the same on the built network."""
+    `alexnet.training.model.flops_per_image` counts the same on the built network."""
     conv1, conv2, conv3, _ = feature_sides(resize)
     macs = conv1 ** 2 * 96 * 1 * 11 * 11 + conv2 ** 2 * 256 * 96 * 5 * 5 \
         + conv3 ** 2 * (384 * 256 + 384 * 384 + 256 * 384) * 3 * 3 \

@@ -1,5 +1,5 @@
 """Fashion-MNIST loaded for training: torchvision's dataset over the verified files
-(`alexnet/datafiles.py` finds and checks them), class-balanced subsets, and batches for the two pipelines.
+(`alexnet/training/datafiles.py` finds and checks them), class-balanced subsets, and batches for the two pipelines.
 
 Fast pipeline: the uint8 images stay on the training device; each batch is gathered, scaled to [0, 1]
 and resized there (bilinear, half-pixel centres), which matches the chapter's PIL `Resize` +
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
 
-from alexnet import UsageError, datafiles
+from alexnet import UsageError
+from alexnet.training import datafiles
 
 
 def prepare(data_dir: str = ""):

@@ -29,10 +29,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from alexnet import UsageError, checkpoint, disk, home, record, runs, store
-from alexnet.config import Config
+from alexnet import UsageError, home
+from alexnet.tracking import checkpoint, disk, record, store
+from alexnet.compare import runs
+from alexnet.training.config import Config
 from alexnet.home import tracking_uri, where
-from alexnet.record import MD5_TAG
+from alexnet.tracking.record import MD5_TAG
 from alexnet.redact import first_line, redact
 from alexnet.sweep.spec import format_params
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.sizes import flatten_width
+from alexnet.training.sizes import flatten_width
 
 
 def alexnet(dropout: float = 0.5, resize: int = 224) -> nn.Sequential:
@@ -38,7 +38,7 @@ class RawImages(nn.Module):
     In: a batch of 28x28 Fashion-MNIST images, uint8 0-255 or float in [0, 1] (a float above 1 is
     refused), B x 28 x 28 or B x 1 x 28 x 28. Out: class scores, B x 10. Inside: `ToTensor`'s scaling,
     the channel dimension, and the run's resize, bilinear with half-pixel centres as in
-    `alexnet.data.resize_batch` (within 1/255 of the chapter's PIL `Resize`). Torch only: it loads where
+    `alexnet.training.data.resize_batch` (within 1/255 of the chapter's PIL `Resize`). Torch only: it loads where
     `alexnet` is not installed."""
 
     def __init__(self, net: nn.Module, resize: int):

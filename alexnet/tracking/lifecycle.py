@@ -2,10 +2,10 @@
 
 A run records every config field as a param; tags for where it came from and what it ran on, the
 code's uncommitted changes, the installed versions and the data as MLflow dataset inputs
-(`alexnet/record.py`: what `alexnet reproduce` re-creates it from); the resolved config as
+(`alexnet/tracking/record.py`: what `alexnet reproduce` re-creates it from); the resolved config as
 `config.toml`; per epoch, with `step=epoch`, the namespaced metrics of `EpochRecord.metrics()`; system
 metrics (CPU, memory, GPU where `nvidia-ml-py` finds one); the last and the best training state as
-`checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/checkpoint.py`: atomic, checksummed, written in
+`checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/tracking/checkpoint.py`: atomic, checksummed, written in
 the background; the best epoch is validation's choice where there is a validation split);
 `learning_curves.png`; and at the end the best epoch's model as an MLflow PyTorch model.
 
@@ -37,13 +37,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking.context.registry import resolve_tags
 
-from alexnet import UsageError, checkpoint, data, disk, plots, record, store
-from alexnet.config import Config, to_toml
+from alexnet import UsageError
+from alexnet.tracking import checkpoint, disk, record, store
+from alexnet.training import data
+from alexnet.compare import plots
+from alexnet.training.config import Config, to_toml
 from alexnet.home import tracking_uri, where
 from alexnet.redact import first_line, redact, redact_tags
-from alexnet.store import CHECKPOINTS
-from alexnet.train import Diverged, check_device, train
-from alexnet.views import NOTE  # the run's description in MLflow's UI (markdown)
+from alexnet.tracking.store import CHECKPOINTS
+from alexnet.training.train import Diverged, check_device, train
+from alexnet.tracking.views import NOTE  # the run's description in MLflow's UI (markdown)
 
 
 class StopRun(Exception):

@@ -4,7 +4,7 @@ end its best epoch as an MLflow PyTorch model.
 Before the run exists, `describe` gathers its record: tags for where it came from (experiment file,
 command line, git commit and whether the work tree differed from it) and what it ran on (device, GPU,
 precision, the speed and determinism switches as applied, versions), the data's checksums; the patch
-of an uncommitted work tree (`alexnet/checkout.py`); every installed package's version. Inside the
+of an uncommitted work tree (`alexnet/tracking/checkout.py`); every installed package's version. Inside the
 run, `log_record` stores the patch as `code.patch`, the versions as `requirements.lock.txt`, and the
 data as MLflow dataset inputs: Fashion-MNIST's training, validation and test splits, each with a digest
 from the files' checksums and the images it selects (`alexnet reproduce` reads all of it back).
@@ -36,15 +36,16 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils import requirements_utils
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from alexnet import checkout, data, datafiles
-from alexnet.checkpoint import check_room, tensor_bytes
-from alexnet.config import TEST_IMAGES, TRAIN_IMAGES, Config
-from alexnet.model import RawImages, alexnet
+from alexnet.tracking import checkout
+from alexnet.training import data, datafiles
+from alexnet.tracking.checkpoint import check_room, tensor_bytes
+from alexnet.training.config import TEST_IMAGES, TRAIN_IMAGES, Config
+from alexnet.training.model import RawImages, alexnet
 from alexnet.redact import redact
-from alexnet.store import local_artifact_dir
-from alexnet.train import resolve_device, resolve_precision, speed_switches
+from alexnet.tracking.store import local_artifact_dir
+from alexnet.training.train import resolve_device, resolve_precision, speed_switches
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 CHECKOUT = PACKAGE.parent
 
 
@@ -207,7 +208,7 @@ def outcome(error: BaseException | None, records: list) -> str:
 
 
 def log_model(run, cfg: Config, model_state: dict) -> str:
-    """Log `model_state` as the run's MLflow PyTorch model, taking raw images (`alexnet.model.RawImages`:
+    """Log `model_state` as the run's MLflow PyTorch model, taking raw images (`alexnet.training.model.RawImages`:
     uint8 or [0, 1] float, B x 28 x 28 or B x 1 x 28 x 28; the run's resize inside). Its input example is
     four real test images as the files hold them (uint8 4 x 28 x 28), its signature what they give.
     Returns the model's URI."""

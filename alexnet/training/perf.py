@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from alexnet.model import flops_per_image
+from alexnet.training.model import flops_per_image
 
 # Dense (no sparsity) TFLOP/s from NVIDIA's data sheets: (name in torch.cuda.get_device_name, label,
 # bf16 tensor core, fp32). First match wins.

@@ -17,7 +17,7 @@ from pathlib import Path
 import tomli_w
 
 from alexnet import UsageError
-from alexnet.sizes import MIN_RESIZE
+from alexnet.training.sizes import MIN_RESIZE
 
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
 MAX_VAL_SIZE = TRAIN_IMAGES // 2  # at least half the training images stay for training

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from alexnet import UsageError, data
-from alexnet.config import Config
-from alexnet.model import alexnet, init_weights
+from alexnet import UsageError
+from alexnet.training import data
+from alexnet.training.config import Config
+from alexnet.training.model import alexnet, init_weights
 from alexnet.redact import first_line
 
 REFRESH_STEPS = 25  # read the running loss back every this many steps: progress bar and divergence check

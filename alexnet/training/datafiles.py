@@ -6,7 +6,7 @@ Where the four IDX files come from, first match wins:
   1. the config's `data_dir`, 2. `$ALEXNET_DATA_DIR`: a folder the user names must hold the files (it
   is never silently replaced by another source); 3. Debian's `/usr/share/datasets/fashion-mnist`
   (package `dataset-fashion-mnist`); 4. torchvision's download, where there is internet
-  (`alexnet/data.py`).
+  (`alexnet/training/data.py`).
 Each file is checked: a `.gz` against torchvision's MD5 (`FashionMNIST.resources`) or, since Debian
 recompresses the same bytes, its content against the MD5 of the original uncompressed file. The verified
 files are unpacked once into the torchvision layout under `$ALEXNET_CACHE_DIR` (default

@@ -1,0 +1,1 @@
+"""Comparing runs: the leaderboard, the MLflow UI and learning-curve plots."""
