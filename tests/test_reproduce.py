@@ -198,7 +198,7 @@ def test_a_run_from_a_dirty_work_tree_is_reproduced_from_its_patch(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML.replace("epochs = 2", "epochs = 1"))
     in_clone(clone, home, "train", tmp_path / "tiny.toml", "--quiet")
 
-    data_py = clone / "alexnet" / "data.py"
+    data_py = clone / "alexnet" / "training" / "data.py"
     source = data_py.read_text()
     assert "seed * 1_000_003 + epoch)" in source
     data_py.write_text(source.replace("seed * 1_000_003 + epoch)", "seed * 1_000_003 + epoch + SALT)")

@@ -56,6 +56,7 @@ class EpochRecord:
     wall_examples_per_sec: float  # training examples / the whole epoch, data and evaluation included
     epoch_seconds: float
     compile_seconds: float = 0.0  # one-time torch.compile warm-up, reported with the first epoch
+    warmup_seconds: float = 0.0   # all of the one-time warm-up before the clock (compiling, cuDNN autotuning)
     # With a validation split (val_size > 0), else None:
     val_acc: float | None = None
     best_val_acc: float | None = None
@@ -66,8 +67,8 @@ class EpochRecord:
 
     def metrics(self) -> dict[str, float]:
         """Namespaced metric names, as logged to MLflow (`val/...` and `test/acc_at_best_val` only with
-        a validation split; `perf/compile_seconds` only where it is > 0: the first epoch of a compiled
-        run)."""
+        a validation split; `perf/compile_seconds` and `perf/warmup_seconds` only where they are > 0: the
+        first epoch of a compiled run or of one warmed up on CUDA)."""
         metrics = {
             "train/loss": self.train_loss,
             "train/acc": self.train_acc,
@@ -84,6 +85,8 @@ class EpochRecord:
         })
         if self.compile_seconds > 0:
             metrics["perf/compile_seconds"] = self.compile_seconds
+        if self.warmup_seconds > 0:
+            metrics["perf/warmup_seconds"] = self.warmup_seconds
         return metrics
 
 
@@ -260,9 +263,11 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return sorted({min(n, batch_size), n % batch_size} - {0}, reverse=True)
 
 
-def _compile_warmup(compiled, model, inputs, device, amp_dtype) -> float:
-    """Run the compiled model once per (training?, example input) before the clock starts, so each
-    graph (train and eval mode, every batch size) is compiled now; RNG and weights are untouched."""
+def _warmup(forward, model, inputs, device, amp_dtype) -> float:
+    """Run the model once per (training?, example input) before the clock starts, so what a new shape
+    costs the first time it is seen is paid now: compiling its graph (train and eval mode, every batch
+    size) under torch.compile, and on CUDA cuDNN's autotuning of every convolution, the allocator's
+    growth and kernel loading. RNG and weights are untouched."""
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for training, x in inputs:
@@ -317,11 +322,14 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
     splits = data.Splits(cfg, device, eval_batch, channels_last)
     n_train, validate = splits.sizes["train"], splits.sizes["validation"] > 0
 
-    # --- Optional compilation, timed apart ---
-    forward, compile_seconds = model, 0.0
+    # --- Warm-up before the clock: compilation, and on CUDA cuDNN's autotuning, timed apart ---
+    forward, compile_seconds, warmup_seconds = model, 0.0, 0.0
     if cfg.compile:
         forward = torch.compile(model, dynamic=False)
-        # Each (mode, batch size, memory format) the run will see is a graph of its own: compile all now.
+    # The fast pipeline on CUDA autotunes each new convolution shape the first time it runs (about 5 s of
+    # the baseline's first epoch on an H200, benchmarks/README.md): every shape is seen once here instead.
+    if cfg.compile or (cuda and switches["cudnn_benchmark"]):
+        # Each (mode, batch size, memory format) the run will see is a graph of its own: run all now.
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
         def example(b):
@@ -330,7 +338,8 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
         eval_sizes = {b for name in ("validation", "test") for b in batch_sizes(splits.sizes[name], eval_batch)}
         inputs = ([(True, example(b)) for b in batch_sizes(n_train, cfg.batch_size)]
                   + [(False, example(b)) for b in sorted(eval_sizes, reverse=True)])
-        compile_seconds = _compile_warmup(forward, model, inputs, device, amp_dtype)
+        warmup_seconds = _warmup(forward, model, inputs, device, amp_dtype)
+        compile_seconds = warmup_seconds if cfg.compile else 0.0
 
     # --- Training ---
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -369,6 +378,7 @@ def train(cfg: Config, start: dict | None = None, progress: bool = True) -> Iter
                               examples_per_sec=seen / step_seconds, wall_examples_per_sec=seen / epoch_seconds,
                               epoch_seconds=epoch_seconds,
                               compile_seconds=compile_seconds if epoch == first_epoch else 0.0,
+                              warmup_seconds=warmup_seconds if epoch == first_epoch else 0.0,
                               val_acc=val_acc, best_val_acc=best_now["val_acc"] if validate else None,
                               test_acc_at_best_val=best_now["test_acc_at_best_val"] if validate else None,
                               state=state)
