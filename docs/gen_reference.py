@@ -110,7 +110,8 @@ def cli_page() -> str:
     for name, p in sub.choices.items():
         p.prog = f"alexnet {name}"
         p.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
-        lines += ["", f"## alexnet {name}", "", "```", p.format_usage().removeprefix("usage: ").strip(), "```", ""]
+        usage = [line.removeprefix("usage: ").removeprefix(" " * len("usage: ")) for line in p.format_usage().splitlines()]
+        lines += ["", f"## alexnet {name}", "", "```", *usage, "```", ""]
         if p.description:
             lines += [p.description, ""]
         lines += ["| argument | default | meaning |", "|---|---|---|"]

@@ -224,7 +224,7 @@ def test_the_smoke_runs_accuracy_is_quoted_alike_everywhere():
     """experiments/smoke.toml, the manual's getting-started page and the README quote the same test accuracy."""
     quoted = {}
     for path in (ROOT / "experiments" / "smoke.toml", ROOT / "docs" / "getting-started.md", ROOT / "README.md"):
-        found = set(re.findall(r"test accuracy (?:ends at )?about (0\.\d+)", path.read_text()))
+        found = set(re.findall(r"test accuracy (?:ends at )?about (0\.\d+)", path.read_text(), re.I))
         assert len(found) == 1, f"{path.name}: {found or 'no test accuracy about X'}"
         quoted[path.name] = found.pop()
     assert len(set(quoted.values())) == 1, quoted
