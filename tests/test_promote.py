@@ -122,10 +122,10 @@ def test_promote_registers_the_confirmed_winner_as_champion_tagged_with_where_it
     assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == [champion.version]
 
 
-def test_the_readme_snippet_loads_the_champion_and_predicts_on_real_test_images(at_store, tmp_path, private_tmp):
-    """The README's snippet under "### Promote the winner", as it stands there, in a fresh process from the
-    project folder that cannot import `alexnet` (the model carries it)."""
-    snippet = (ROOT / "README.md").read_text().split("### Promote the winner")[1].split("```python\n")[1].split("```")[0]
+def test_the_manuals_snippet_loads_the_champion_and_predicts_on_real_test_images(at_store, tmp_path, private_tmp):
+    """The manual's snippet under "## Promote the winner" (docs/shipping.md), as it stands there, in a fresh
+    process from the project folder that cannot import `alexnet` (the model carries it)."""
+    snippet = (ROOT / "docs" / "shipping.md").read_text().split("## Promote the winner")[1].split("```python\n")[1].split("```")[0]
     assert f"models:/{NAME}@champion" in snippet
     fake_home = tmp_path / "user"
     (fake_home / ".cache").mkdir(parents=True)

@@ -520,15 +520,17 @@ def test_objective_names_are_the_trainers_metrics():
     assert set(EpochRecord(*[0] * 9).metrics()) < set(OBJECTIVES)  # without a validation split, the chapter's keys
 
 
-def test_every_sweep_file_key_is_in_the_help_and_the_readme(tmp_path):
+def test_every_sweep_file_key_is_in_the_help_and_the_reference(tmp_path):
     """`alexnet sweep --help` lists every key a sweep file takes, from `Sweep`'s documented fields; the
-    README's table of sweep-file keys has each of them too."""
+    manual's generated reference of sweep-file keys has each of them too."""
     from alexnet.sweep.spec import FILE_KEYS
 
     result = sweep_cli(tmp_path, "sweep", "--help")
     assert result.returncode == 0
     helped = result.stdout.split("sweep-file keys (default, meaning):")[1]
-    readme = (ROOT / "README.md").read_text().split("### Sweep-file keys")[1].split("\n## ")[0]
+    import runpy
+
+    readme = runpy.run_path(str(ROOT / "docs" / "gen_reference.py"))["sweep_page"]()
     for key in sorted(FILE_KEYS) + ["[space]", "[set]"]:
         assert f"\n  {key} " in helped, key
         assert f"| `{key}` |" in readme, key

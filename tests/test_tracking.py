@@ -154,14 +154,14 @@ print("/code/alexnet/" in sys.modules["alexnet"].__file__)
     assert result.stdout.split() == ["RawImages", "(3,", "10)", str(cfg.resize), "True"]
 
 
-def test_the_readme_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path, private_tmp):
-    """The README's "Load the model" snippet, as it stands there, run in a fresh process from the project
-    folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
+def test_the_manuals_snippet_loads_the_model_and_predicts_on_real_test_images(tracked, tmp_path, private_tmp):
+    """The manual's "Load the model" snippet (docs/training.md), as it stands there, run in a fresh process
+    from the project folder with RUN_ID set; `alexnet` cannot be imported there (see the test above). Its home folder holds
     the `~/.cache/alexnet` the snippet reads the test images from: this machine's cache."""
     from alexnet.training import datafiles
 
     cfg, run = tracked
-    snippet = (ROOT / "README.md").read_text().split("### Load the model")[1].split("```python\n")[1].split("```")[0]
+    snippet = (ROOT / "docs" / "training.md").read_text().split("## Load the model")[1].split("```python\n")[1].split("```")[0]
     fake_home = tmp_path / "user"
     (fake_home / ".cache").mkdir(parents=True)
     (fake_home / ".cache" / "alexnet").symlink_to(datafiles.cache_dir())

@@ -4,7 +4,8 @@ Chromium (Debian's /usr/bin/chromium driven by Playwright). What the pages show 
 model-training view, not GenAI's; sorted by the objective, best first; the params and accuracies as
 columns; a sweep's trials as rows of their own; the compare page plotting the objective; a sweep's
 interactive plots drawn in the artifact view; a promoted model's registry page with its alias.
-Screenshots go to tests/artifacts/ (git-ignored)."""
+Screenshots go to tests/artifacts/ (git-ignored); with ALEXNET_DOCS_SCREENSHOTS=1 also to docs/assets/,
+where the manual shows them."""
 
 import os
 import signal
@@ -29,6 +30,7 @@ from conftest import ROOT, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "tests" / "artifacts"
+DOC_SHOTS = ROOT / "docs" / "assets"
 TINY = dict(resize=67, epochs=1, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200)
 RUNS = {"uis-trial-0": 0.05, "uis-trial-1": 0.2, "plain": 0.1}
 GENAI_ONLY = ["Training runs", "Evaluation runs", "Judges", "Sessions"]  # the GenAI view's side bar
@@ -123,6 +125,16 @@ def page():
             browser.close()
 
 
+def screenshot(page, name: str):
+    """tests/artifacts/NAME; with ALEXNET_DOCS_SCREENSHOTS=1 also the manual's copy, docs/assets/NAME (the
+    pictures in the manual are these, taken of the real UI; tests/test_docs.py checks the names)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SHOTS / name)
+    if os.environ.get("ALEXNET_DOCS_SCREENSHOTS") == "1":
+        DOC_SHOTS.mkdir(parents=True, exist_ok=True)
+        (DOC_SHOTS / name).write_bytes((SHOTS / name).read_bytes())
+
+
 def rows_top_down(page, names) -> list[str]:
     """The given run names in the order the runs table shows them, top to bottom."""
     grid = page.get_by_role("grid").first
@@ -159,7 +171,7 @@ def test_the_runs_page_is_the_model_training_view_best_first_with_params_and_acc
         assert header in text.split("\n"), header
     for name in RUNS:
         assert shown(best[name]) in text
-    page.screenshot(path=SHOTS / "ui-runs.png")
+    screenshot(page, "ui-runs.png")
 
 
 def test_the_sweep_pages_show_its_trials_and_compare_its_top_trials_on_the_objective(served, page):
@@ -173,7 +185,7 @@ def test_the_sweep_pages_show_its_trials_and_compare_its_top_trials_on_the_objec
     grid_text = page.get_by_role("grid").first.inner_text()
     assert "plain" not in grid_text and "\nuis\n" not in f"\n{grid_text}\n"  # only the study's trials
     assert "2 matching runs" in body and "lr" in grid_text.split("\n")
-    page.screenshot(path=SHOTS / "ui-sweep.png")
+    screenshot(page, "ui-sweep.png")
 
     page.set_viewport_size({"width": 1800, "height": 1500})
     page.goto(compare_url)
@@ -185,7 +197,7 @@ def test_the_sweep_pages_show_its_trials_and_compare_its_top_trials_on_the_objec
     text = page.inner_text("body")
     for name in trials:
         assert name in text and served["runs"][name].info.run_id in text
-    page.screenshot(path=SHOTS / "ui-compare.png")
+    screenshot(page, "ui-compare.png")
 
 
 def test_ui_printed_the_sweep_pages_and_opened_the_first(served):
@@ -246,7 +258,7 @@ def test_the_runs_page_and_a_runs_page_show_the_fashion_mnist_dataset_inputs(at_
     page.goto(f"{served['base']}/#/experiments/{served['exp']}/runs/{run.info.run_id}")
     page.get_by_text("fashion-mnist (").first.click()
     page.get_by_text("2 datasets used").wait_for()
-    page.screenshot(path=SHOTS / "ui-run-datasets.png")
+    screenshot(page, "ui-run-datasets.png")
     drawer = page.inner_text("body")
     for dataset_input in run.inputs.dataset_inputs:
         context = dataset_input.tags[0].value
@@ -279,7 +291,7 @@ def test_a_sweeps_interactive_plots_render_in_the_artifact_view(at_store, page, 
     frame.locator("svg.main-svg").first.wait_for()  # plotly drew: its scripts ran inside the frame
     assert "Optimisation history" in frame.locator("body").inner_text()
     assert frame.locator(".js-plotly-plot .scatterlayer .point").count() >= 3  # the trials, as points
-    page.screenshot(path=SHOTS / "ui-sweep-plots.png")
+    screenshot(page, "ui-sweep-plots.png")
 
 
 def test_the_registered_models_page_shows_the_promoted_version_and_its_alias(at_store, page):
@@ -304,4 +316,4 @@ def test_the_registered_models_page_shows_the_promoted_version_and_its_alias(at_
     page.get_by_text("@ champion").first.wait_for()
     body = page.inner_text("body")
     assert "alexnet-fashion-mnist" in body and "Version 2" not in body
-    page.screenshot(path=SHOTS / "ui-registered-model.png")
+    screenshot(page, "ui-registered-model.png")

@@ -38,6 +38,14 @@ FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
 
 
+def rdb_storage(url: str, **kwargs) -> RDBStorage:
+    """Every open of an Optuna storage goes through here. On SQLite a writer waits `SQLITE_TIMEOUT_S` for
+    another's lock (Optuna's own default is 5 s, too short for parallel workers, a confirm or a push beside
+    a running sweep); a server's pooled connections are checked before use."""
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return RDBStorage(url, engine_kwargs=engine, **kwargs)
+
+
 def open_storage(sweep: Sweep) -> RDBStorage:
     """Optuna RDB storage with heartbeats: a trial whose worker died is failed after `grace_seconds`
     and queued again with the same params (RetryHeartbeatStaleTrialCallback, wrapped to end its
@@ -54,10 +62,9 @@ def open_storage(sweep: Sweep) -> RDBStorage:
             print(f"alexnet sweep: could not end the MLflow run of dead trial {trial.number} ({first_line(e)})",
                   file=sys.stderr)
 
-    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sweep.storage.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(sweep.storage, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_seconds,
-                          grace_period=sweep.grace_seconds, heartbeat_stale_trial_callback=on_stale)
+        return rdb_storage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
+                           grace_period=sweep.grace_seconds, heartbeat_stale_trial_callback=on_stale)
     except Exception as e:
         raise UsageError(f"sweep: cannot open the Optuna storage {redact(sweep.storage)} ({first_line(e)}): "
                          f"use an RDB URL such as sqlite:////ABS/PATH/optuna.db or postgresql+psycopg://...") from None
@@ -101,18 +108,19 @@ def distributions(space: dict) -> dict:
 
 def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.Study:
     """An existing study made by `alexnet sweep`, or a UsageError naming the studies there are."""
-    storage = storage or default_storage()
+    url = storage = storage or default_storage()
     path = sqlite_path(storage)
     if path is not None and not path.is_file():
         raise UsageError(f"{what}: no sweeps yet ({path} does not exist): run `alexnet sweep FILE` first, "
                          f"or name the storage with --storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        storage = rdb_storage(storage)
         names = optuna.study.get_all_study_names(storage)
     except Exception as e:
-        raise UsageError(f"{what}: cannot open the Optuna storage {redact(storage)} ({first_line(e)})") from None
+        raise UsageError(f"{what}: cannot open the Optuna storage {redact(url)} ({first_line(e)})") from None
     if name not in names:
-        raise UsageError(f"{what}: no study {name!r} in {redact(storage)} (studies: {', '.join(names) or 'none'}): "
+        raise UsageError(f"{what}: no study {name!r} in {redact(url)} (studies: {', '.join(names) or 'none'}): "
                          f"run `alexnet sweep FILE` first")
     study = optuna.load_study(study_name=name, storage=storage)
     if "base_config" not in study.user_attrs or "mlflow_parent_run_id" not in study.user_attrs:

@@ -27,6 +27,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from alexnet import UsageError
 from alexnet.tracking import store
+from alexnet.sweep.study import rdb_storage
 from alexnet.team.backends import check_database
 from alexnet.home import default_tracking_uri, mlruns_dir, where
 from alexnet.redact import first_line, redact
@@ -125,9 +126,10 @@ def push_runs(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, runs: list, sa
 
 def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str], say) -> None:
     """`optuna.copy_study`, with the study's and its trials' MLflow run ids rewritten to the copies'."""
-    source = optuna.load_study(study_name=name, storage=from_storage)
+    source = optuna.load_study(study_name=name, storage=rdb_storage(from_storage))
+    to_url, to_storage = to_storage, rdb_storage(to_storage)
     if name in optuna.study.get_all_study_names(to_storage):
-        say(f"push: study {name!r} is already in {redact(to_storage)}: left as it is")
+        say(f"push: study {name!r} is already in {redact(to_url)}: left as it is")
         return
     trials = source.get_trials(deepcopy=False)
     if any(t.state.name == "RUNNING" for t in trials):
@@ -143,7 +145,7 @@ def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str
         if trial.user_attrs.get("mlflow_run_id") in ids:
             trial.set_user_attr("mlflow_run_id", ids[trial.user_attrs["mlflow_run_id"]])
         target._storage.create_new_trial(target._study_id, template_trial=trial)
-    say(f"push: study {name!r}: {len(trials)} trials -> {redact(to_storage)}")
+    say(f"push: study {name!r}: {len(trials)} trials -> {redact(to_url)}")
 
 
 def push(to_tracking_uri: str, to_storage: str | None, experiment: str | None, study: str | None,

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 import sqlalchemy
-from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
 
 from alexnet import UsageError
 from alexnet.compare import ui
+from alexnet.sweep.study import rdb_storage
 from alexnet.team.backends import DRIVER_HINT, PASSWORD_HINT, engine
 from alexnet.redact import first_line, redact
 
@@ -123,7 +123,7 @@ def serve(database: str, artifacts: str, host: str, port: int, allowed_hosts: st
 
     created = create_databases(url, [mlflow_db, optuna_db])
     storage = url.set(database=optuna_db).render_as_string()
-    RDBStorage(storage).engine.dispose()  # Optuna's tables, made once
+    rdb_storage(storage).engine.dispose()  # Optuna's tables, made once
     proc, base = start(url.set(database=mlflow_db).render_as_string(), artifacts, host, port, allowed_hosts)
 
     def ready():
