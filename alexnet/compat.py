@@ -3,7 +3,7 @@ document, and nothing outside this module may (`tests/test_compat.py` scans `ale
 names and internal modules of either library, and checks each use below against the installed versions,
 failing with "MLflow X.Y changed NAME: ..." when one moved).
 
-Supported: MLflow >=3.17,<3.18 and Optuna >=5,<6 (`pyproject.toml`). MLflow's minor releases change the
+Supported: MLflow >=3.17,<3.18 and Optuna >=5.0,<6 (`pyproject.toml`). MLflow's minor releases change the
 internals used here (the SQL store's table models, the system-metrics monitor); Optuna keeps its public
 API within a major version, and nothing of its internals is used.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 
 MLFLOW_SUPPORTED = ">=3.17,<3.18"
-OPTUNA_SUPPORTED = ">=5,<6"
+OPTUNA_SUPPORTED = ">=5.0,<6"
 
 # The modules the libraries document; any other module of theirs is internal (tests/test_compat.py).
 PUBLIC_MODULES = frozenset({
