@@ -156,9 +156,12 @@ def _system_metrics_class():
     return SystemMetrics
 
 
-def SystemMetrics(run_id: str, resume_logging: bool):  # noqa: N802 (a class, built on first use)
-    """A system-metrics monitor for `run_id`: `start()`, `release()`, `finish()`."""
-    return _system_metrics_class()(run_id, resume_logging)
+def __getattr__(name: str):
+    """`compat.SystemMetrics(run_id, resume_logging)`: the class is built on first use, so that importing
+    this module imports nothing of MLflow's."""
+    if name == "SystemMetrics":
+        return _system_metrics_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warm_up_requirements() -> None:

@@ -60,7 +60,8 @@ def offences(path: Path, root: Path = ROOT) -> list[str]:
     where = f"{path.relative_to(root)}"
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found += [f"{where}:{node.lineno}: imports internal module {a.name}" for a in node.names if internal(a.name)]
+            found += [f"{where}:{node.lineno}: imports internal module {a.name}" for a in node.names
+                      if internal(a.name)]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if internal(node.module):
                 found.append(f"{where}:{node.lineno}: imports from internal module {node.module}")
@@ -247,3 +248,24 @@ def test_delete_artifacts_removes_a_path_or_everything(store, tmp_path):
     assert [f.path for f in client.list_artifacts(run_id)] == ["config.toml"]
     compat.delete_artifacts(artifact_uri)
     assert client.list_artifacts(run_id) == []
+
+
+# --- Public replacements ---
+
+def test_warm_starts_range_check_uses_only_public_attributes():
+    """`warm.inside` (was Optuna's private `_contains`): in range, on the step, or one of the choices."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from alexnet.sweep.warm import inside
+
+    lr = FloatDistribution(0.001, 0.1, log=True)
+    assert inside(lr, 0.001) and inside(lr, 0.1) and inside(lr, 0.05)
+    assert not inside(lr, 0.2) and not inside(lr, 0.0) and not inside(lr, float("nan")) and not inside(lr, "0.05")
+    stepped = FloatDistribution(0.0, 0.5, step=0.1)
+    assert inside(stepped, 0.3) and inside(stepped, 0.1 + 0.2) and not inside(stepped, 0.25)
+    epochs = IntDistribution(1, 9, step=2)
+    assert inside(epochs, 5) and not inside(epochs, 4) and not inside(epochs, 11) and not inside(epochs, 5.5)
+    resize = IntDistribution(67, 224)
+    assert inside(resize, 96) and not inside(resize, 66)
+    batch = CategoricalDistribution([64, 128, "auto"])
+    assert inside(batch, 128) and inside(batch, "auto") and not inside(batch, 256)

@@ -109,6 +109,7 @@ def test_push_resume_locally_push_again_the_team_study_holds_every_trial(stores,
     again = do_push(stores, capfd)
     assert "copied 0 new runs (6 already there), 0 new trials" in again, again
     check_team_holds_every_trial(stores)
+    assert optuna.logging.get_verbosity() == logging.INFO  # push left Optuna's level as it was
 
 
 def test_a_push_stopped_after_the_study_was_created_is_completed_by_the_next(stores, capfd, monkeypatch):
@@ -146,12 +147,6 @@ def test_a_trial_the_team_ran_is_not_mistaken_for_a_pushed_one(stores, capfd):
     assert "1 new trial" in out, out
     team = optuna.load_study(study_name=STUDY, storage=stores["team_storage"])
     assert [t.user_attrs.get("pushed.from_trial") for t in team.trials] == [0, 1, None, 2]
-
-
-def test_optunas_log_level_is_left_as_it_was(stores, capfd):
-    train_locally(stores, 1)
-    do_push(stores, capfd)
-    assert optuna.logging.get_verbosity() == logging.INFO
 
 
 def test_a_study_missing_from_the_local_storage_is_one_line(stores, capfd):

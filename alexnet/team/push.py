@@ -176,7 +176,8 @@ def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str
         trial.set_user_attr(FROM_TRIAL, trial.number)
         target.add_trial(trial)
         new += 1
-    say(f"push: study {name!r}: {new} new trial{'s' * (new != 1)} ({len(trials) - new} already there) -> {redact(to_storage)}")
+    say(f"push: study {name!r}: {new} new trial{'s' * (new != 1)} ({len(trials) - new} already there) "
+        f"-> {redact(to_storage)}")
     return new
 
 
@@ -194,10 +195,9 @@ def push(to_tracking_uri: str, to_storage: str | None, experiment: str | None, s
     src, dst = mlflow.MlflowClient(tracking_uri=source_uri), mlflow.MlflowClient(tracking_uri=to_tracking_uri)
     runs = selected_runs(src, experiment, study)
     say(f"push: {len(runs)} runs from {redact(where(source_uri))} to {redact(to_tracking_uri)}")
-    copied = None
+    new_trials = None
     try:
         ids, copied = push_runs(src, dst, runs, say)
-        new_trials = None
         if study and to_storage:
             new_trials = push_study(study, from_storage, to_storage, ids, say)
         elif study:
@@ -205,7 +205,7 @@ def push(to_tracking_uri: str, to_storage: str | None, experiment: str | None, s
     except KeyboardInterrupt:
         say("push: interrupted; the run being copied was removed; push again to copy the rest")
         return 130
-    except (OSError, mlflow.exceptions.MlflowException) as e:
+    except (OSError, mlflow.exceptions.MlflowException, optuna.exceptions.StorageInternalError) as e:
         raise UsageError(f"push: {first_line(e)}") from None
     trials = "" if new_trials is None else f", {new_trials} new trial{'s' * (new_trials != 1)}"
     say(f"push: done: copied {copied} new run{'s' * (copied != 1)} ({len(ids) - copied} already there){trials} "
