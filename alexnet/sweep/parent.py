@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from alexnet import UsageError
 from alexnet.tracking import store
@@ -39,7 +38,7 @@ def existing_parent(run_id: str | None) -> str | None:
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException as e:
-        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise UsageError(f"sweep: cannot look up the study's parent run {run_id} ({first_line(e)})") from None
     return run_id if run.info.lifecycle_stage == "active" else None

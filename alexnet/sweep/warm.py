@@ -24,6 +24,7 @@ Torch-free.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -62,10 +63,16 @@ class WarmStart:
 
 def inside(dist, value) -> bool:
     """Whether `value` is one the distribution can give (inside its range and on its step, or a choice)."""
-    try:
-        return dist._contains(dist.to_internal_repr(value))
-    except (ValueError, TypeError):
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return value in dist.choices  # equality, as Optuna matches a choice
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return False
+    if not dist.low <= value <= dist.high:
+        return False
+    if dist.step is None:
+        return True
+    steps = (value - dist.low) / dist.step  # on the grid low, low + step, ... (within float error)
+    return math.isclose(steps, round(steps), abs_tol=1e-8)
 
 
 def plan(sweep: Sweep, text: str) -> WarmStart:

@@ -24,9 +24,9 @@ from typing import Callable
 
 import mlflow
 from mlflow.entities import ViewType
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking._tracking_service.utils import _get_store
 
+from alexnet import compat
 from alexnet.tracking import disk, store
 from alexnet.compare import runs
 from alexnet.tracking.store import CHECKPOINTS
@@ -111,12 +111,12 @@ def deleted_items(backend) -> list[Item]:
 
 
 def _hard_delete_model(backend, model) -> None:
-    get_artifact_repository(model.artifact_location).delete_artifacts()
+    compat.delete_artifacts(model.artifact_location)
     backend._hard_delete_logged_model(model.model_id)
 
 
 def _hard_delete(backend, run, models) -> None:
-    get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+    compat.delete_artifacts(run.info.artifact_uri)
     for model in models:
         backend.delete_logged_model(model.model_id)
         _hard_delete_model(backend, model)

@@ -26,10 +26,8 @@ import tomllib
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from alexnet import UsageError, home
+from alexnet import UsageError, compat, home
 from alexnet.tracking import checkpoint, disk, record, store
 from alexnet.compare import runs
 from alexnet.training.config import Config
@@ -131,7 +129,7 @@ def version_tags(study: str, parent, run, confirmed: dict, winner: dict, forced:
         tags[f"confirm.mean_std.{slug(c['label'])}"] = mean_std(c)
     tags.update({k: v for k, v in run.data.tags.items() if k.startswith(MD5_TAG)})
     for i in run.inputs.dataset_inputs:
-        context = next((t.value for t in i.tags if t.key == MLFLOW_DATASET_CONTEXT), i.dataset.name)
+        context = next((t.value for t in i.tags if t.key == compat.DATASET_CONTEXT), i.dataset.name)
         tags[f"data.digest.{context}"] = i.dataset.digest
     return {k: redact(v) for k, v in tags.items()}
 
@@ -143,7 +141,7 @@ def register(name: str, model, run, tags: dict[str, str], description: str):
     try:
         client.get_registered_model(name)
     except MlflowException as e:
-        if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         client.create_registered_model(name, description=f"AlexNet on Fashion-MNIST (d2l 7.1): the winners of the "
                                                          f"experiment's sweeps, confirmed over fresh seeds "

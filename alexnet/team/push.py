@@ -11,7 +11,9 @@ FILE` resumes it on the team's servers. Not kept: run and model ids, artifacts' 
 and runs still RUNNING (pushed once they end).
 
 Pushing again copies only what is not there yet: a run already pushed is found by its tag and reused, a
-study already there is left as it is. A push stopped half-way deletes the run it was copying.
+trial already pushed by its number in the source study (its `pushed.from_trial` there), its start time and
+its params. So a sweep resumed locally after a push sends its new runs and trials on the next push, and a
+push stopped half-way (the run it was copying is deleted) is completed by the next one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import tempfile
 import mlflow
 import optuna
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from alexnet import UsageError
 from alexnet.tracking import store
@@ -33,6 +34,7 @@ from alexnet.home import default_tracking_uri, mlruns_dir, where
 from alexnet.redact import first_line, redact
 
 PUSHED = "pushed.from_run_id"
+FROM_TRIAL = "pushed.from_trial"  # on a pushed trial: its number in the study it came from
 
 
 def chunks(items: list, size: int):
@@ -68,7 +70,7 @@ def copy_model(src_uri: str, dst: mlflow.MlflowClient, model, experiment_id: str
     with tempfile.TemporaryDirectory(prefix="alexnet-push-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=tmp,
                                                     tracking_uri=src_uri)
-        get_artifact_repository(new.artifact_location, tracking_uri=dst.tracking_uri).log_artifacts(local)
+        dst.log_model_artifacts(new.model_id, local)
     dst.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
 
 
@@ -102,9 +104,10 @@ def copy_run(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, run, experiment
     return new
 
 
-def push_runs(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, runs: list, say) -> dict[str, str]:
-    """Copy `runs` (parents first); returns old run id -> new run id, also for runs pushed before."""
-    ids, experiments = {}, {}
+def push_runs(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, runs: list, say) -> tuple[dict[str, str], int]:
+    """Copy `runs` (parents first); returns old run id -> new run id, also for runs pushed before, and how
+    many it copied now."""
+    ids, experiments, copied = {}, {}, 0
     for run in runs:
         old = run.info.run_id
         if run.info.status == "RUNNING":
@@ -120,32 +123,63 @@ def push_runs(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, runs: list, sa
             continue
         parent = run.data.tags.get("mlflow.parentRunId")
         ids[old] = copy_run(src, dst, run, experiments[name], ids.get(parent) if parent else None)
+        copied += 1
         say(f"push: run {old} ({run.info.run_name}, {run.info.status}) -> {ids[old]}")
-    return ids
+    return ids, copied
 
 
-def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str], say) -> None:
-    """`optuna.copy_study`, with the study's and its trials' MLflow run ids rewritten to the copies'."""
-    source = optuna.load_study(study_name=name, storage=rdb_storage(from_storage))
-    to_url, to_storage = to_storage, rdb_storage(to_storage)
-    if name in optuna.study.get_all_study_names(to_storage):
-        say(f"push: study {name!r} is already in {redact(to_url)}: left as it is")
-        return
+def trial_key(trial) -> tuple:
+    """What identifies a trial across pushes: the source's trial number (on a pushed copy, its
+    `pushed.from_trial`), its start time and its params. A copy keeps all three, so a copy made by an
+    earlier version of push, which left no `pushed.from_trial`, is recognised too; a trial the team's
+    own workers ran has another start time."""
+    number = int(trial.user_attrs.get(FROM_TRIAL, trial.number))
+    return number, trial.datetime_start, tuple(sorted((k, repr(v)) for k, v in trial.params.items()))
+
+
+def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str], say) -> int:
+    """Copy the study's trials that the team's study does not hold yet (all of them the first time), with
+    its and its trials' MLflow run ids rewritten to the copies'; returns how many were copied. The study
+    is created on the first push; a push stopped after that is completed by the next one, and a study
+    resumed locally after a push sends its new trials on the next one."""
+    src_storage, dst_storage = rdb_storage(from_storage), rdb_storage(to_storage)
+    if name not in {s.study_name for s in src_storage.get_all_studies()}:
+        raise UsageError(f"push: no study {name!r} in {redact(from_storage)} (give --from-storage where it is)")
+    source = optuna.load_study(study_name=name, storage=src_storage)
     trials = source.get_trials(deepcopy=False)
     if any(t.state.name == "RUNNING" for t in trials):
         raise UsageError(f"push: study {name!r} has RUNNING trials (a sweep is running, or its worker died): let it "
                          f"finish, or run the same `alexnet sweep FILE` to resume it, then push")
-    target = optuna.create_study(study_name=name, storage=to_storage, directions=source.directions)
-    for key, value in source._storage.get_study_system_attrs(source._study_id).items():
-        target._storage.set_study_system_attr(target._study_id, key, value)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not Optuna's "A new study created in RDB" line
+    try:
+        target = optuna.create_study(study_name=name, storage=dst_storage, directions=source.directions,
+                                     load_if_exists=True)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if target.directions != source.directions:
+        raise UsageError(f"push: study {name!r} in {redact(to_storage)} has other directions "
+                         f"({', '.join(d.name for d in target.directions)}): not the same study")
+    # The study's own attributes first, each push again (setting one twice changes nothing).
+    src_id, dst_id = src_storage.get_study_id_from_name(name), dst_storage.get_study_id_from_name(name)
+    for key, value in src_storage.get_study_system_attrs(src_id).items():
+        dst_storage.set_study_system_attr(dst_id, key, value)
     for key, value in source.user_attrs.items():
         target.set_user_attr(key, ids.get(value, value) if key == "mlflow_parent_run_id" else value)
+    there = {trial_key(t) for t in target.get_trials(deepcopy=False)}
+    new = 0
     for trial in trials:
+        if trial_key(trial) in there:
+            continue
         trial = copy.deepcopy(trial)
         if trial.user_attrs.get("mlflow_run_id") in ids:
             trial.set_user_attr("mlflow_run_id", ids[trial.user_attrs["mlflow_run_id"]])
-        target._storage.create_new_trial(target._study_id, template_trial=trial)
-    say(f"push: study {name!r}: {len(trials)} trials -> {redact(to_url)}")
+        trial.set_user_attr(FROM_TRIAL, trial.number)
+        target.add_trial(trial)
+        new += 1
+    say(f"push: study {name!r}: {new} new trial{'s' * (new != 1)} ({len(trials) - new} already there) "
+        f"-> {redact(to_storage)}")
+    return new
 
 
 def push(to_tracking_uri: str, to_storage: str | None, experiment: str | None, study: str | None,
@@ -162,16 +196,19 @@ def push(to_tracking_uri: str, to_storage: str | None, experiment: str | None, s
     src, dst = mlflow.MlflowClient(tracking_uri=source_uri), mlflow.MlflowClient(tracking_uri=to_tracking_uri)
     runs = selected_runs(src, experiment, study)
     say(f"push: {len(runs)} runs from {redact(where(source_uri))} to {redact(to_tracking_uri)}")
+    new_trials = None
     try:
-        ids = push_runs(src, dst, runs, say)
+        ids, copied = push_runs(src, dst, runs, say)
         if study and to_storage:
-            push_study(study, from_storage, to_storage, ids, say)
+            new_trials = push_study(study, from_storage, to_storage, ids, say)
         elif study:
             say("push: the Optuna study stays where it is (give --to-storage to copy it)")
     except KeyboardInterrupt:
         say("push: interrupted; the run being copied was removed; push again to copy the rest")
         return 130
-    except (OSError, mlflow.exceptions.MlflowException) as e:
+    except (OSError, mlflow.exceptions.MlflowException, optuna.exceptions.StorageInternalError) as e:
         raise UsageError(f"push: {first_line(e)}") from None
-    say(f"push: done: {len(ids)} runs on {redact(to_tracking_uri)}")
+    trials = "" if new_trials is None else f", {new_trials} new trial{'s' * (new_trials != 1)}"
+    say(f"push: done: copied {copied} new run{'s' * (copied != 1)} ({len(ids) - copied} already there){trials} "
+        f"to {redact(to_tracking_uri)}")
     return 0

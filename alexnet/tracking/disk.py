@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 
 import mlflow
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
+from alexnet import compat
 from alexnet.tracking.store import CHECKPOINTS, local_artifact_dir
 
 TAG = "disk_bytes"
@@ -31,8 +30,9 @@ def _folder_size(folder: Path) -> int:
     return total
 
 
-def _repo_size(repo, path: str | None = None) -> int:
-    return sum(_repo_size(repo, f.path) if f.is_dir else (f.file_size or 0) for f in repo.list_artifacts(path))
+def _listed_size(artifact_uri: str) -> int:
+    return sum(_listed_size(f"{artifact_uri}/{f.path.rsplit('/', 1)[-1]}") if f.is_dir else (f.file_size or 0)
+               for f in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri))
 
 
 def artifact_bytes(artifact_uri: str, path: str | None = None) -> int:
@@ -40,7 +40,7 @@ def artifact_bytes(artifact_uri: str, path: str | None = None) -> int:
     folder = local_artifact_dir(artifact_uri)
     if folder is not None:
         return _folder_size(folder / path if path else folder)
-    return _repo_size(get_artifact_repository(artifact_uri), path)
+    return _listed_size(f"{artifact_uri.rstrip('/')}/{path}" if path else artifact_uri)
 
 
 def logged_models(run) -> list:
@@ -67,12 +67,11 @@ def delete_checkpoints(run_id: str) -> int:
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     freed = artifact_bytes(run.info.artifact_uri, CHECKPOINTS)
-    repo = get_artifact_repository(run.info.artifact_uri)
-    if any(f.path.rstrip("/").endswith(CHECKPOINTS) for f in repo.list_artifacts()):
-        repo.delete_artifacts(CHECKPOINTS)
+    if any(f.path.rstrip("/").endswith(CHECKPOINTS) for f in client.list_artifacts(run_id)):
+        compat.delete_artifacts(run.info.artifact_uri, CHECKPOINTS)
     for model in logged_models(run):
         freed += artifact_bytes(model.artifact_location)
-        get_artifact_repository(model.artifact_location).delete_artifacts()
+        compat.delete_artifacts(model.artifact_location)
         client.delete_logged_model(model.model_id)
     client.set_tag(run_id, "checkpoints", "deleted")
     measure(run_id)
@@ -111,7 +110,7 @@ def remove(name: str, run_id: str, artifact_uri: str) -> None:
     if folder is not None:
         (folder / CHECKPOINTS / f"{name}.pt").unlink(missing_ok=True)
     elif f"{name}.pt" in listed(run_id):
-        get_artifact_repository(artifact_uri).delete_artifacts(f"{CHECKPOINTS}/{name}.pt")
+        compat.delete_artifacts(artifact_uri, f"{CHECKPOINTS}/{name}.pt")
 
 
 def listed(run_id: str) -> set[str]:

@@ -24,7 +24,6 @@ A run killed at any moment continues in the same MLflow run from its last checkp
 from __future__ import annotations
 
 import sys
-import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -34,10 +33,8 @@ from typing import Callable
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-from mlflow.tracking.context.registry import resolve_tags
 
-from alexnet import UsageError
+from alexnet import UsageError, compat
 from alexnet.tracking import checkpoint, disk, record, store
 from alexnet.training import data
 from alexnet.compare import plots
@@ -79,46 +76,12 @@ def end_status(error: BaseException | None) -> tuple[str, dict[str, str]]:
     return "FAILED", {"failure_reason": type(error).__name__, "failure": redact(str(error))[:5000]}
 
 
-class SystemMetrics(SystemMetricsMonitor):
-    """MLflow's system metrics (`system/...`), held back until `release()`: tracking releases them once
-    the run's first epoch is logged, objective first, so the objective is the run's first metric. MLflow's
-    compare page plots a run's first metric, which would otherwise be `system/cpu_utilization_percentage`
-    (sampled every 10 s, long before an epoch ends). Nothing is lost: held samples are logged on release."""
-
-    def __init__(self, run_id: str, resume_logging: bool):
-        super().__init__(run_id, resume_logging=resume_logging)
-        self.held, self.released = [], threading.Event()
-        if resume_logging:  # a resumed run has its metrics in order already
-            self.released.set()
-
-    def release(self) -> None:
-        self.released.set()
-
-    def publish_metrics(self, metrics):
-        if not self.released.is_set():
-            self.held.append(metrics)
-            for monitor in self.monitors:
-                monitor.clear_metrics()
-            return
-        held, self.held = self.held, []
-        for sample in held + [metrics]:
-            super().publish_metrics(sample)
-
-    def finish(self):
-        super().finish()
-        held, self.held = self.held, []
-        for sample in held:  # the run ended before its first epoch was logged
-            super().publish_metrics(sample)
-        if held:
-            self.mlflow_logger.flush()
-
-
 @dataclass
 class Helpers:
     """The threads a run starts; `stop` ends them (the writer first: it still logs metrics) and returns
     what failed to stop, as tags."""
     writer: checkpoint.Writer | None = None
-    system_metrics: SystemMetrics | None = None
+    system_metrics: object | None = None  # compat.SystemMetrics
     heartbeat: Callable[[], None] | None = None
 
     def stop(self) -> dict[str, str]:
@@ -252,7 +215,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
         exp_id = store.experiment_id(cfg.experiment)
         origin = record.describe(cfg, source)
         note = (tags or {}).get(NOTE) or record.description(cfg, source)
-        start_tags = resolve_tags({**origin.tags, **redact_tags(tags or {}), NOTE: redact(note)})
+        start_tags = compat.context_tags({**origin.tags, **redact_tags(tags or {}), NOTE: redact(note)})
 
     # --- The run: started inside the protection that ends it ---
     run_id, helpers, result = None, Helpers(), TrackedRun("")
@@ -268,7 +231,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
         if on_start is not None:
             on_start(run_id)
         helpers.heartbeat = store.start_heartbeat(run_id)  # writes this process's tags (host, pid) at once
-        helpers.system_metrics = SystemMetrics(run_id, resume_logging=bool(resume_run_id))
+        helpers.system_metrics = compat.SystemMetrics(run_id, resume_logging=bool(resume_run_id))
         helpers.system_metrics.start()
         if not resume_run_id:
             client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in asdict(cfg).items()],

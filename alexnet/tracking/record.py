@@ -33,9 +33,8 @@ from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.models import infer_signature
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils import requirements_utils
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from alexnet import compat
 from alexnet.tracking import checkout
 from alexnet.training import data, datafiles
 from alexnet.tracking.checkpoint import check_room, tensor_bytes
@@ -162,7 +161,7 @@ def dataset_inputs(cfg: Config, md5: dict[str, str], origin: str) -> list[Datase
         kind = "http" if origin.startswith("http") else "local"
         dataset = Dataset(name=DATASET, digest=digest, source_type=kind, schema=SCHEMA,
                           source=json.dumps({"url" if kind == "http" else "uri": origin}), profile=json.dumps(profile))
-        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(compat.DATASET_CONTEXT, split)]))
     return inputs
 
 
@@ -255,7 +254,7 @@ def warm_up_model_logging() -> None:
     for `log_model` itself to meet."""
     with _PACKAGE_MAP:
         try:
-            requirements_utils._init_modules_to_packages_map()
+            compat.warm_up_requirements()
         except Exception:
             pass
 
