@@ -257,8 +257,9 @@ def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline:
 
 def launcher_key() -> str:
     """This launcher's entry in the study's user attributes: its process tags, kept fresh by the parent
-    run's heartbeat, so that the others can tell whether it is still alive."""
-    return f"launcher:{platform.node()}:{os.getpid()}"
+    run's heartbeat, so that the others can tell whether it is still alive. Named by its pid namespace too:
+    launchers in two containers of one hostname may well have the same pid."""
+    return f"launcher:{platform.node()}:{store.pid_namespace()}:{os.getpid()}"
 
 
 def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:
