@@ -4,6 +4,7 @@ pid means nothing here, is alive while its heartbeat is fresh, for `alexnet runs
 `train --resume`, `alexnet gc` and a sweep launcher ending its parent run; once its heartbeat is stale it
 is gone. In this very pid namespace the pid itself is checked, at once."""
 
+import os
 import platform
 import subprocess
 import time
@@ -81,7 +82,7 @@ def test_a_launcher_does_not_end_the_parent_run_a_twins_launcher_still_uses(home
     study.set_user_attr(launcher.launcher_key(), store.process_tags())  # this launcher
     # The twin's launcher has this host's name, and may well have this very pid.
     study.set_user_attr(f"launcher:{platform.node()}:{OTHER_NAMESPACE}:{gone_pid()}", twin(30))
-    assert launcher.launcher_key() != f"launcher:{platform.node()}:{OTHER_NAMESPACE}:{launcher.os.getpid()}"
+    assert launcher.launcher_key() != f"launcher:{platform.node()}:{OTHER_NAMESPACE}:{os.getpid()}"
 
     launcher.end_parent(study, sweep, parent, 0, {}, 0.0)
     assert client.get_run(parent).info.status == "RUNNING"  # the twin's launcher ends it
