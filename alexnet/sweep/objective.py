@@ -64,7 +64,8 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
                                f"{cfg.epochs - record.epoch} epochs for more promising trials.")
 
     try:
-        run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot, retry_of),
+        run = tracked_train(cfg, source=sweep.source, parent_run_id=parent,
+                            tags=trial_tags(trial, sweep, slot, retry_of),
                             on_start=lambda run_id: started.update(run_id=run_id) or trial.set_user_attr("mlflow_run_id", run_id),
                             on_epoch=report, progress=False, objective=sweep.objective)
     except StopRun as e:

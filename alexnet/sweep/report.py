@@ -108,8 +108,8 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     disk.measure(parent)
     retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
     server_failed = [(t.number, server_failure(t), retried_as.get(t.number)) for t in trials if failed_on_server(t)]
-    return {"server_failed": server_failed, "done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
-            "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
+    return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
+            "server_failed": server_failed, "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
             "seeded": sum(map(seeded, trials)), "warm_start": study.user_attrs.get("warm_start"),
             "infeasible": sum(not feasible(t) for t in done)}
 
@@ -139,7 +139,8 @@ def summary_text(sweep: Sweep, s: dict) -> str:
              + (f", {len(s['waiting'])} queued" if s["waiting"] else "")]
     for number, why, retry in s.get("server_failed", []):  # not the params' fault: retried with the same ones
         lines.append(f"trial {number} {why} and was retried as trial {retry}" if retry is not None else
-                     f"trial {number} {why} and was not retried again: its retries (max_retry = {sweep.max_retry}) are spent")
+                     f"trial {number} {why} and was not retried again: its retries (max_retry = {sweep.max_retry}) "
+                     f"are spent")
     if s.get("seeded"):
         lines.append(f"warm start: {s['seeded']} more trials seeded from study {s.get('warm_start')!r} (not trained here)")
     if s["best"]:

@@ -82,7 +82,8 @@ def make_pruner(sweep: Sweep):
 
 def open_study(sweep: Sweep, seed: int | None = None, storage: RDBStorage | None = None) -> optuna.Study:
     """The study, through `storage` (`open_storage`) when the caller needs the storage itself too."""
-    return optuna.create_study(storage=storage or open_storage(sweep), study_name=sweep.study, directions=directions(sweep),
+    return optuna.create_study(storage=storage or open_storage(sweep), study_name=sweep.study,
+                               directions=directions(sweep),
                                sampler=make_sampler(sweep, sweep.seed if seed is None else seed),
                                pruner=make_pruner(sweep), load_if_exists=True)
 
