@@ -109,7 +109,7 @@ def top_trials(study: str, experiment_id: str, objective: str, direction: str, t
 PARAM_KEYS = [c.removeprefix("params.") for c in COLUMNS.values() if c.startswith("params.")]
 METRIC_KEYS = [c.removeprefix("metrics.") for c in COLUMNS.values() if c.startswith("metrics.")]
 TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "sweep.state", "sweep.pruned_epoch",
-            "disk_bytes", "experiment_file", "mlflow.parentRunId", "host", "pid", "process_start", "heartbeat"]
+            "disk_bytes", "experiment_file", "mlflow.parentRunId", *store.PROCESS_TAGS]
 
 
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):

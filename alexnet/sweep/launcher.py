@@ -42,7 +42,8 @@ from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
 from alexnet.sweep import local_workers
 from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space
-from alexnet.sweep.study import FINISHED_STATES, objective_value, open_study, ranked, seeded, study_lock, tally
+from alexnet.sweep.study import (FINISHED_STATES, objective_value, open_study, ranked, requeue_server_failures, seeded,
+                                 study_lock, tally)
 from alexnet.sweep.warm import WarmStart, enqueue, enqueued, seed
 from alexnet.sweep.warm import plan as warm_plan
 from alexnet.tracking.views import NOTE
@@ -127,6 +128,7 @@ def set_up(sweep: Sweep, workers: int, command: str, warm: WarmStart | None = No
             study.enqueue_trial(base_params(sweep), user_attrs={"baseline": True})
             study.set_user_attr("base_enqueued", True)
         started_from.update(enqueue(study, attrs, runs))
+        requeue_server_failures(study, sweep)  # a study that ended with such a failure is not done: it retries it
         for k, v in started_from.items():
             client.set_tag(parent, k, v)
         first_slot = attrs.get("workers_started", 0)
@@ -257,8 +259,9 @@ def end_parent(study, sweep: Sweep, parent: str, status: int, summary, deadline:
 
 def launcher_key() -> str:
     """This launcher's entry in the study's user attributes: its process tags, kept fresh by the parent
-    run's heartbeat, so that the others can tell whether it is still alive."""
-    return f"launcher:{platform.node()}:{os.getpid()}"
+    run's heartbeat, so that the others can tell whether it is still alive. Named by its pid namespace too:
+    launchers in two containers of one hostname may well have the same pid."""
+    return f"launcher:{platform.node()}:{store.pid_namespace()}:{os.getpid()}"
 
 
 def watch(study, sweep: Sweep, procs: list, say, quiet: bool) -> int:

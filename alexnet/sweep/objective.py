@@ -42,7 +42,8 @@ def settle(trial, sweep: Sweep, cfg: Config, records: list, run_id: str) -> dict
     return measured
 
 
-def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release) -> float | tuple[float, float]:
+def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release,
+              retry_of: int | None = None) -> float | tuple[float, float]:
     params = suggest(trial, sweep.space)  # under the study lock: other workers' constant liar sees these
     release()  # the trial is RUNNING, with its params and a heartbeat: others may count it now
     cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
@@ -63,7 +64,8 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
                                f"{cfg.epochs - record.epoch} epochs for more promising trials.")
 
     try:
-        run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot),
+        run = tracked_train(cfg, source=sweep.source, parent_run_id=parent,
+                            tags=trial_tags(trial, sweep, slot, retry_of),
                             on_start=lambda run_id: started.update(run_id=run_id) or trial.set_user_attr("mlflow_run_id", run_id),
                             on_epoch=report, progress=False, objective=sweep.objective)
     except StopRun as e:
@@ -84,13 +86,12 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
     return value, cost
 
 
-def trial_tags(trial, sweep: Sweep, slot: int) -> dict[str, str]:
+def trial_tags(trial, sweep: Sweep, slot: int, retry_of: int | None = None) -> dict[str, str]:
     """What ties the trial's run to the study: study, trial number, worker, and the trial it retries."""
     tags = {"sweep.study": sweep.study, "sweep.trial": str(trial.number), "sweep.role": "trial",
             "sweep.worker": str(slot)}
-    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
-    if history:  # a queued copy of a trial whose worker died or was interrupted
-        tags["sweep.retry_of"] = str(history[-1])
+    if retry_of is not None:  # a queued copy of a trial whose worker died, was interrupted or met a server's error
+        tags["sweep.retry_of"] = str(retry_of)
     if trial.user_attrs.get("baseline"):
         tags["sweep.baseline"] = "true"
     which = "the baseline (the base experiment's own values)" if trial.user_attrs.get("baseline") else "a trial"

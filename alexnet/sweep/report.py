@@ -18,7 +18,16 @@ from alexnet.sweep.pareto import FILE as PARETO_FILE, front_table
 from alexnet.sweep.retention import disk_usage
 from alexnet.sweep.spec import COSTS, Sweep, describe_space, format_params
 from alexnet.tracking.views import NOTE
-from alexnet.sweep.study import FINISHED_STATES, feasible, objective_value, pareto_front, ranked, seeded, tally
+from alexnet.sweep.study import (FINISHED_STATES, failed_on_server, feasible, objective_value, pareto_front, ranked,
+                                 seeded, tally)
+
+SERVER_ERRORS = {"the tracking server": "a tracking-server error", "the database": "a database error"}
+
+
+def server_failure(t) -> str | None:
+    """'failed on a tracking-server error' (or a database error) for a trial a server failed, else None."""
+    server = failed_on_server(t)
+    return f"failed on {SERVER_ERRORS.get(server, server)}" if server else None
 
 
 def values_text(t, objective: str, cost: str = "") -> str:
@@ -39,7 +48,8 @@ def trial_line(t, objective: str, retried_as: dict, epochs: int, cost: str = "")
         value = f"pruned at epoch {max(t.intermediate_values, default='?')} of {epochs}"
     elif state == "FAIL":
         if t.number in retried_as:
-            why = "interrupted" if t.user_attrs.get("fail_reason") == "interrupted" else "its worker died"
+            why = server_failure(t) or ("interrupted" if t.user_attrs.get("fail_reason") == "interrupted"
+                                        else "its worker died")
             value = f"{why}: retried as trial {retried_as[t.number]}"
         else:
             value = t.user_attrs.get("fail_reason") or t.system_attrs.get("fail_reason", "failed")
@@ -96,8 +106,10 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     client.log_metric(parent, "sweep/disk_bytes", used, step=len(done))
     client.set_tag(parent, NOTE, parent_note(sweep, len(done), counts, best, saved, front))
     disk.measure(parent)
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
+    server_failed = [(t.number, server_failure(t), retried_as.get(t.number)) for t in trials if failed_on_server(t)]
     return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
-            "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
+            "server_failed": server_failed, "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
             "seeded": sum(map(seeded, trials)), "warm_start": study.user_attrs.get("warm_start"),
             "infeasible": sum(not feasible(t) for t in done)}
 
@@ -125,6 +137,10 @@ def summary_text(sweep: Sweep, s: dict) -> str:
     lines = [f"sweep {sweep.study!r}: {len(s['done'])} trials finished ({counts})"
              + (f", {len(s['running'])} still running" if s["running"] else "")
              + (f", {len(s['waiting'])} queued" if s["waiting"] else "")]
+    for number, why, retry in s.get("server_failed", []):  # not the params' fault: retried with the same ones
+        lines.append(f"trial {number} {why} and was retried as trial {retry}" if retry is not None else
+                     f"trial {number} {why} and was not retried again: its retries (max_retry = {sweep.max_retry}) "
+                     f"are spent")
     if s.get("seeded"):
         lines.append(f"warm start: {s['seeded']} more trials seeded from study {s.get('warm_start')!r} (not trained here)")
     if s["best"]:

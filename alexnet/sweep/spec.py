@@ -49,7 +49,8 @@ class Sweep:
     enqueue_base: bool = _f(True, "run the base experiment's own values as the first trial (the baseline to beat)")
     heartbeat_seconds: int = _f(10, "a running trial writes a heartbeat this often")
     grace_seconds: int = _f(60, "a trial silent this long is failed (its worker died) and retried with the same params")
-    max_retry: int = _f(3, "times a trial whose worker died is retried")
+    max_retry: int = _f(3, "times in a row a trial is retried with the same params when its worker died or a tracking "
+                           "server or database refused one of its calls")
     # --- Resolved by load_sweep, not keys of the file ---
     space: dict = field(default_factory=dict)   # config field -> {low, high, log, step} or {choices}
     config: dict = field(default_factory=dict)  # the base config every trial starts from, checked

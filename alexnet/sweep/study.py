@@ -87,8 +87,10 @@ def make_pruner(sweep: Sweep):
     return optuna.pruners.NopPruner()
 
 
-def open_study(sweep: Sweep, seed: int | None = None) -> optuna.Study:
-    return optuna.create_study(storage=open_storage(sweep), study_name=sweep.study, directions=directions(sweep),
+def open_study(sweep: Sweep, seed: int | None = None, storage: RDBStorage | None = None) -> optuna.Study:
+    """The study, through `storage` (`open_storage`) when the caller needs the storage itself too."""
+    return optuna.create_study(storage=storage or open_storage(sweep), study_name=sweep.study,
+                               directions=directions(sweep),
                                sampler=make_sampler(sweep, sweep.seed if seed is None else seed),
                                pruner=make_pruner(sweep), load_if_exists=True)
 
@@ -191,8 +193,8 @@ def feasible(t) -> bool:
 
 def tally(study, trials: list | None = None):
     """(finished, running, waiting) trials this study trained: seeded trials are not counted (`n_trials`
-    counts trials to train), and a trial failed because its worker died and queued again does not count:
-    its retry does."""
+    counts trials to train), and a trial failed because its worker died or a server refused its call, and
+    queued again, does not count: its retry does."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     done = [t for t in trials if t.state.is_finished() and t.number not in retried and not seeded(t)]
@@ -203,12 +205,46 @@ def tally(study, trials: list | None = None):
 def next_step(study, sweep: Sweep, deadline: float) -> str:
     """Under the lock: 'start' one more trial, 'wait' for the running ones, or 'stop'."""
     optuna.storages.fail_stale_trials(study)
+    requeue_server_failures(study, sweep)
     if deadline and time.time() > deadline:
         return "stop"
     done, running, _ = tally(study)
     if not sweep.n_trials or len(done) + len(running) < sweep.n_trials:
         return "start"
     return "wait" if running else "stop"
+
+
+# --- Trials a server failed ------------------------------------------------------------------------
+
+SERVER_ERROR = "server_error"  # a FAIL trial's user attribute: what refused its call (`backends.server_rejected`)
+
+
+def failed_on_server(t) -> str | None:
+    """What refused a call of a FAIL trial ('the tracking server', 'the database'), or None when the trial
+    failed on its own (divergence, a bad value). A FAIL recorded before trials were marked so is
+    known by its reason: MLflow's tracking server refusing a call."""
+    if t.state != TrialState.FAIL:
+        return None
+    reason = t.user_attrs.get("fail_reason") or ""
+    return t.user_attrs.get(SERVER_ERROR) or ("the tracking server" if reason.startswith("RestException") else None)
+
+
+def retry(study, frozen, max_retry: int | None = None) -> None:
+    """Queue a WAITING copy (same params) of a trial that failed through no fault of its own, as Optuna
+    queues a dead worker's trial; with `max_retry`, not once its retries are spent."""
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, frozen)
+
+
+def requeue_server_failures(study, sweep: Sweep, trials: list | None = None) -> list:
+    """Under the lock, before counting: queue again each trial a server failed that has no retry yet (the
+    worker that met the error queues it at once; this catches one that could not, and a study that
+    ended before failures were retried), at most `max_retry` times in a row. Returns those queued."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    spent = [t for t in trials if failed_on_server(t) and t.number not in retried]
+    for t in spent:
+        retry(study, t, sweep.max_retry)
+    return [t for t in spent if len(t.system_attrs.get("retry_history", [])) < sweep.max_retry]
 
 
 def complete(trials: list) -> list:

@@ -8,7 +8,9 @@ or SIGTERM ends the running trial (its run KILLED) and queues it again; a full d
 stops the worker, since every later trial would fail the same way. A worker that loses the tracking
 server or the database stops in one line (exit status 3): the trial is not its fault, so it is queued
 again at once if the database still answers, else the study's heartbeat fails it and another worker
-retries it.
+retries it. A trial whose call a server answered and refused (two writers colliding on the tracking
+server's database, say) is not its params' fault either: it ends FAIL, is queued again with the same
+params (at most `max_retry` times in a row) and the worker goes on.
 """
 
 from __future__ import annotations
@@ -25,18 +27,17 @@ import mlflow
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (0.9 s, paid while the launcher checks)
 import optuna
 import torch
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from alexnet import UsageError
 from alexnet.training import data
 from alexnet.tracking import record, store
-from alexnet.team.backends import lost_connection
+from alexnet.team.backends import lost_connection, server_rejected
 from alexnet.training.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
 from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
-from alexnet.sweep.study import next_step, open_study, study_lock
+from alexnet.sweep.study import SERVER_ERROR, next_step, open_storage, open_study, retry, study_lock
 from alexnet.training.train import check_device
 
 
@@ -62,13 +63,14 @@ class Round:
 
 def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
     """Start trials, one at a time, until the count is reached; 0 when the study needs no more."""
-    study = open_study(sweep, seed=sweep.seed + slot)
+    storage = open_storage(sweep)
+    study = open_study(sweep, seed=sweep.seed + slot, storage=storage)
     lock = study_lock(sweep)
     while True:
         with Round(lock) as held:
             step = next_step(study, sweep, deadline)
             if step == "start":
-                run_trial(study, sweep, slot, parent, held.release)
+                run_trial(study, storage, sweep, slot, parent, held.release)
         if step == "stop":
             return 0
         if step == "wait":
@@ -81,49 +83,57 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
             print(f"alexnet sweep: worker {slot}: deleting old checkpoints failed ({first_line(e)})", file=sys.stderr)
 
 
-def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
-    """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial."""
+def run_trial(study, storage, sweep: Sweep, slot: int, parent: str, release) -> None:
+    """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial.
+    `storage`: the study's own (`open_storage`), asked for the trial by its number."""
     current = {}
+    study_id = storage.get_study_id_from_name(study.study_name)
 
     def func(trial):
-        current["id"] = trial._trial_id
+        current["id"] = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         trial.set_user_attr("worker", slot)  # which worker ran it (a retry's is another's)
-        if trial.user_attrs.get("fail_reason"):  # a retry starts with its failed original's attributes
-            trial.set_user_attr("fail_reason", "")
+        for stale in ("fail_reason", SERVER_ERROR):  # a retry starts with its failed original's attributes
+            if trial.user_attrs.get(stale):
+                trial.set_user_attr(stale, "")
+        history = storage.get_trial_system_attrs(current["id"]).get("retry_history")
         try:
-            return objective(trial, sweep, parent, slot, release)
+            return objective(trial, sweep, parent, slot, release, retry_of=history[-1] if history else None)
         except Exception as e:
             current["disk_full"] = disk_full(e) if isinstance(e, OSError) else None
             current["lost"] = e if lost_connection(e) else None
+            refused = None if current["lost"] else server_rejected(e)
+            if refused:  # queued again now, so that the FAIL is never counted as a result
+                trial.set_user_attr(SERVER_ERROR, refused)
+                retry(study, storage.get_trial(current["id"]), sweep.max_retry)
             raise
 
     try:
         study.optimize(func, n_trials=1, catch=(Exception,))
     except BaseException:  # Ctrl-C or SIGTERM: Optuna marked the trial FAIL; queue it again for a resume
         if "id" in current:
-            requeue(study, current["id"])
+            requeue(storage, study, current["id"])
         raise
     if "id" not in current:
         return
     if current.get("lost"):  # the trial's FAIL reached the database, so it answers: queue the trial again now
-        requeue(study, current["id"])
+        requeue(storage, study, current["id"])
         e = current["lost"]
-        raise ConnectionError(f"lost {lost_connection(e)} during trial {study._storage.get_trial(current['id']).number} "
+        raise ConnectionError(f"lost {lost_connection(e)} during trial {storage.get_trial(current['id']).number} "
                               f"({first_line(e)}): the trial is queued again for another worker") from e
-    frozen = study._storage.get_trial(current["id"])
+    frozen = storage.get_trial(current["id"])
     if frozen.user_attrs.get("mlflow_run_id"):
         mlflow.MlflowClient().set_tag(frozen.user_attrs["mlflow_run_id"], "sweep.state", frozen.state.name)
     if current.get("disk_full"):
-        requeue(study, current["id"])
+        requeue(storage, study, current["id"])
         raise UsageError(f"trial {frozen.number} failed: {current['disk_full']}: the disk takes no more; "
                          f"free space, then run the same command: the trial runs again")
 
 
-def requeue(study, trial_id: int) -> None:
+def requeue(storage, study, trial_id: int) -> None:
     """Queue a WAITING copy (same params) of a trial that ended FAIL through no fault of its own."""
-    frozen = study._storage.get_trial(trial_id)
+    frozen = storage.get_trial(trial_id)
     if frozen.state.is_finished():
-        RetryHeartbeatStaleTrialCallback()(study, frozen)
+        retry(study, frozen)
 
 
 def disk_full(error: BaseException) -> OSError | None:

@@ -1,9 +1,13 @@
 """A team's shared servers seen from a client: does a database answer (one line if not, before anything
 is created), and does an error mean that a server was lost mid-way (the tracking server, or the
 database behind the Optuna storage), so that a sweep worker stops in one line and leaves its trial to be
-retried elsewhere instead of failing it as if the trial itself were at fault. Torch-free."""
+retried elsewhere instead of failing it as if the trial itself were at fault; and does an error mean that
+a server that answered refused a call (`server_rejected`), so that the trial is retried with the same
+params. Torch-free."""
 
 from __future__ import annotations
+
+import sys
 
 import requests
 import sqlalchemy
@@ -50,6 +54,23 @@ def lost_connection(error: BaseException | None) -> str | None:
             return "the tracking server"
         if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
                 (isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated):
+            return "the database"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def server_rejected(error: BaseException | None) -> str | None:
+    """'the tracking server' or 'the database' if `error`, or an error behind it, is a server that answered
+    refusing a call: MLflow's tracking server (any RestException: it returns the errors of its own
+    database, such as two writers colliding on a key, as BAD_REQUEST) or a database's error (a SQL
+    tracking store, the Optuna storage). Not the trial's params' doing, as divergence or a bad value is."""
+    rest = sys.modules.get("mlflow.exceptions")  # an MLflow error comes only from a process that imported it
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if rest is not None and isinstance(error, rest.RestException):
+            return "the tracking server"
+        if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
             return "the database"
         error = error.__cause__ or error.__context__
     return None

@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 import torchvision
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.types import Schema, TensorSpec
 
@@ -174,7 +176,29 @@ def log_record(run_id: str, rec: Record) -> None:
             path = Path(tmp) / PATCH
             path.write_bytes(rec.patch)
             client.log_artifact(run_id, str(path))
-    client.log_inputs(run_id, datasets=rec.datasets)
+    log_datasets(client, run_id, rec.datasets)
+
+
+# MLflow's SQL store looks a dataset up and then inserts it, in one transaction: two runs logging the same
+# new digest at the same instant (sweep workers starting trials together) both insert, and one is refused
+# by the datasets' key (PostgreSQL "duplicate key value violates unique constraint", SQLite "UNIQUE
+# constraint failed", MySQL "Duplicate entry"), through a tracking server as BAD_REQUEST.
+DUPLICATE = re.compile(r"unique|duplicate", re.IGNORECASE)
+DATASET_ATTEMPTS = 3
+
+
+def log_datasets(client, run_id: str, datasets: list) -> None:
+    """Log the dataset inputs; one refused because another run created the same dataset at the same
+    instant is logged again, and then finds it (the store skips an input the run already has, so trying
+    again is harmless). Any other error is the caller's."""
+    for attempt in range(1, DATASET_ATTEMPTS + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as e:
+            if attempt == DATASET_ATTEMPTS or not DUPLICATE.search(str(e)):
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def description(cfg: Config, source: str | None) -> str:

@@ -2,15 +2,20 @@
 RUNNING run's process is still alive. Torch-free: the leaderboard, the UI and the sweep launcher use it
 without loading torch.
 
-A run's process writes its host, pid, process start time and a heartbeat as tags (`process_tags`),
-at once and every HEARTBEAT_S. A RUNNING run whose process is gone is *stale* (`stale_reason`): on
-this host its pid and start time are checked directly, elsewhere its heartbeat must be younger than
-STALE_AFTER_S. `alexnet runs` shows such runs as STALE and `--kill-stale` ends them KILLED.
+A run's process writes its host, pid, pid namespace, process start time and a heartbeat as tags
+(`process_tags`), at once and every HEARTBEAT_S. A RUNNING run whose process is gone is *stale*
+(`stale_reason`): when it ran in this very pid namespace (same kernel boot, same namespace) its pid and
+start time are checked directly; anywhere else, including another container or machine that bears this
+host's name, it is gone only once its heartbeat is older than STALE_AFTER_S. `alexnet runs` shows such
+runs as STALE and `--kill-stale` ends them KILLED; `train --resume`, the sweep launcher and `alexnet gc`
+ask the same question.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import platform
 import threading
@@ -148,10 +153,26 @@ def local_artifact_dir(artifact_uri: str) -> Path | None:
 
 # --- Is a RUNNING run's process alive? ------------------------------------------------------------
 
+PROCESS_TAGS = ("host", "pid", "pid_namespace", "process_start", "heartbeat")  # what `process_gone` reads
+
+
+@functools.cache
+def pid_namespace() -> str:
+    """This process's pid namespace, as a name no other namespace anywhere shares: the kernel's boot id
+    and the namespace's inode. A hostname is no such name (containers on one host with `--network host`,
+    fleets of machines all called `ubuntu`), nor is the inode alone (every machine's first namespace has
+    the same one). Without /proc (macOS), the host and its boot time stand in."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return f"{platform.node()}:boot{psutil.boot_time():.0f}"
+
+
 def process_tags() -> dict[str, str]:
     """Which process is running the run, to tell a live run from one whose process died."""
-    return {"host": platform.node(), "pid": str(os.getpid()),
-            "process_start": f"{psutil.Process().create_time():.3f}", "heartbeat": str(int(time.time()))}
+    return dict(zip(PROCESS_TAGS, (platform.node(), str(os.getpid()), pid_namespace(),
+                                   f"{psutil.Process().create_time():.3f}", str(int(time.time())))))
 
 
 def stale_reason(status: str, tags: dict, now: float | None = None) -> str | None:
@@ -162,10 +183,12 @@ def stale_reason(status: str, tags: dict, now: float | None = None) -> str | Non
 
 
 def process_gone(tags: dict, now: float | None = None) -> str | None:
-    """Why the process that wrote `tags` (`process_tags`) is gone, or None if it may still be alive. On
-    this host the process is checked directly (pid and start time, so a reused pid is not mistaken for
-    it); elsewhere it is gone once its heartbeat is older than STALE_AFTER_S."""
-    if tags.get("host") == platform.node():
+    """Why the process that wrote `tags` (`process_tags`) is gone, or None if it may still be alive: the one
+    rule for runs, resumes, launchers and parent runs. In this pid namespace the process is checked
+    directly (pid and start time, so a reused pid is not mistaken for it). Anywhere else its pid means
+    nothing here, even on a host of the same name, and it is gone once its heartbeat is older than
+    STALE_AFTER_S; so is a process whose tags name no namespace (written before they did)."""
+    if tags.get("pid_namespace") == pid_namespace():
         try:
             started = psutil.Process(int(tags["pid"])).create_time()
         except (psutil.NoSuchProcess, ValueError):
@@ -173,9 +196,13 @@ def process_gone(tags: dict, now: float | None = None) -> str | None:
         if abs(started - float(tags.get("process_start", started))) > 1:
             return f"process {tags['pid']} is gone (the pid now belongs to another process)"
         return None
-    age = (now or time.time()) - float(tags.get("heartbeat", 0))
+    try:
+        age = (now or time.time()) - float(tags.get("heartbeat", 0))
+    except ValueError:
+        age = math.inf
     if age > STALE_AFTER_S:
-        return f"no heartbeat from {tags.get('host', '?')} for {age / 60:.0f} min"
+        same_name = " (another machine or container of this name)" if tags.get("host") == platform.node() else ""
+        return f"no heartbeat from {tags.get('host', '?')}{same_name} for {age / 60:.0f} min"
     return None
 
 
