@@ -164,6 +164,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def preload_sql_store() -> None:
+    """Import MLflow's SQL tracking store (about 0.9 s), which a worker's first run would otherwise import:
+    a sweep worker does it while the launcher checks the device, the data and the stores."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def warm_up_requirements() -> None:
     """Build MLflow's map of installed packages (module -> distributions), which `log_model` checks the
     model's requirements against: built once a process and cached by MLflow."""

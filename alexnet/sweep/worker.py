@@ -24,11 +24,10 @@ import threading
 import time
 
 import mlflow
-import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (0.9 s, paid while the launcher checks)
 import optuna
 import torch
 
-from alexnet import UsageError
+from alexnet import UsageError, compat
 from alexnet.training import data
 from alexnet.tracking import record, store
 from alexnet.team.backends import lost_connection, server_rejected
@@ -39,6 +38,8 @@ from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import SERVER_ERROR, next_step, open_storage, open_study, retry, study_lock
 from alexnet.training.train import check_device
+
+compat.preload_sql_store()  # 0.9 s at import, paid while the launcher checks the device, data and stores
 
 
 class Round:
