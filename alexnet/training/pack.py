@@ -54,11 +54,12 @@ HEADROOM = 0.85  # the share of free memory a pack may plan to fill: allocator s
 def member_bytes(resize: int, batch_size: int, eval_batch_size: int) -> int:
     """About what one member needs while it trains, in fp32: weights and gradients, and the activations of
     one training batch kept for the backward pass and their gradients (each layer's output, twice), or
-    an evaluation batch's largest two layer outputs, whichever is more."""
+    an evaluation batch's largest layer output with the ReLU's beside it, whichever is more."""
     c1, c2, c3, c4 = sizes.feature_sides(resize)
-    outputs = [resize ** 2, 2 * 96 * c1 ** 2, 96 * c2 ** 2, 2 * 256 * c2 ** 2, 256 * c3 ** 2,
-               2 * 384 * c3 ** 2, 2 * 384 * c3 ** 2, 2 * 256 * c3 ** 2, 256 * c4 ** 2,
-               3 * 4096, 3 * 4096, 10]  # conv + ReLU outputs, pools; FC + ReLU + dropout mask
+    outputs = [resize ** 2, 96 * c1 ** 2, 96 * c1 ** 2, 96 * c2 ** 2,  # input; conv, ReLU, pool
+               256 * c2 ** 2, 256 * c2 ** 2, 256 * c3 ** 2,
+               384 * c3 ** 2, 384 * c3 ** 2, 384 * c3 ** 2, 384 * c3 ** 2, 256 * c3 ** 2, 256 * c3 ** 2,
+               256 * c4 ** 2, 3 * 4096, 3 * 4096, 10]  # FC, ReLU, dropout mask
     train_activations = 2 * batch_size * sum(outputs)
     eval_activations = eval_batch_size * 2 * max(outputs)
     return 4 * (2 * sizes.parameter_count(resize) + max(train_activations, eval_activations))
