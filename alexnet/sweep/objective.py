@@ -14,7 +14,7 @@ from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, format_params
 from alexnet.tracking.lifecycle import StopRun, tracked_train
-from alexnet.training.train import Diverged
+from alexnet.training.train import Diverged, train
 from alexnet.tracking.views import NOTE
 
 
@@ -42,7 +42,8 @@ def settle(trial, sweep: Sweep, cfg: Config, records: list, run_id: str) -> dict
     return measured
 
 
-def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release) -> float | tuple[float, float]:
+def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release,
+              trainer=train) -> float | tuple[float, float]:
     params = suggest(trial, sweep.space)  # under the study lock: other workers' constant liar sees these
     release()  # the trial is RUNNING, with its params and a heartbeat: others may count it now
     cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
@@ -65,7 +66,7 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
     try:
         run = tracked_train(cfg, source=sweep.source, parent_run_id=parent, tags=trial_tags(trial, sweep, slot),
                             on_start=lambda run_id: started.update(run_id=run_id) or trial.set_user_attr("mlflow_run_id", run_id),
-                            on_epoch=report, progress=False, objective=sweep.objective)
+                            on_epoch=report, progress=False, objective=sweep.objective, trainer=trainer)
     except StopRun as e:
         settle(trial, sweep, cfg, seen, started["run_id"])
         raise optuna.TrialPruned(f"pruned at epoch {e.tags['sweep.pruned_epoch']}") from None

@@ -34,10 +34,11 @@ from alexnet.team.backends import lost_connection
 from alexnet.training.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
+from alexnet.sweep.packs import run_pack
 from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import next_step, open_study, study_lock
-from alexnet.training.train import check_device
+from alexnet.training.train import check_device, train
 
 
 class Round:
@@ -67,7 +68,9 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
     while True:
         with Round(lock) as held:
             step = next_step(study, sweep, deadline)
-            if step == "start":
+            if step == "start" and sweep.pack > 1:  # K trials as one trial pack (alexnet/sweep/packs.py)
+                run_pack(study, sweep, slot, parent, held.release, deadline, run_trial)
+            elif step == "start":
                 run_trial(study, sweep, slot, parent, held.release)
         if step == "stop":
             return 0
@@ -81,8 +84,9 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
             print(f"alexnet sweep: worker {slot}: deleting old checkpoints failed ({first_line(e)})", file=sys.stderr)
 
 
-def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
-    """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial."""
+def run_trial(study, sweep: Sweep, slot: int, parent: str, release, trainer=train) -> None:
+    """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial.
+    `trainer`: `train`, or a pack member's share of its pack."""
     current = {}
 
     def func(trial):
@@ -91,7 +95,7 @@ def run_trial(study, sweep: Sweep, slot: int, parent: str, release) -> None:
         if trial.user_attrs.get("fail_reason"):  # a retry starts with its failed original's attributes
             trial.set_user_attr("fail_reason", "")
         try:
-            return objective(trial, sweep, parent, slot, release)
+            return objective(trial, sweep, parent, slot, release, trainer)
         except Exception as e:
             current["disk_full"] = disk_full(e) if isinstance(e, OSError) else None
             current["lost"] = e if lost_connection(e) else None
