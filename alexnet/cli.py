@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
     p.add_argument("--n-trials", type=integer(0), metavar="N", help="trials to finish in all (overrides the file)")
+    p.add_argument("--pack", type=integer(1), metavar="K", help="train K trials at once as one trial pack on each "
+                   "worker's device (overrides the file's pack)")
     add_storage_arg(p)
     p.add_argument("--workers", type=integer(1), default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")
     add_tracking_arg(p)

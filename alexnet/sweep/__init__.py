@@ -9,6 +9,8 @@ The protocol between the launcher, the workers, Optuna and MLflow:
      trial or stops. The trial (`objective.py`) suggests its params, releases the lock, trains as a
      child run, reports every epoch to the pruner. Its run's status mirrors the trial's state:
      COMPLETE -> FINISHED, PRUNED -> KILLED (tag `sweep.state=PRUNED`), FAIL -> FAILED.
+     With `pack = K` (`packs.py`) a worker starts up to K trials in one round and trains those that share
+     a network and data as one trial pack (`alexnet/training/pack.py`); each stays its own trial and run.
   3. After each trial, under the lock, retention (`retention.py`) deletes the checkpoints of trials
      outside the top K.
   4. The launcher watches the study, then keeps the top K, writes the summary and the plots on the

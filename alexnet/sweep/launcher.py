@@ -142,8 +142,8 @@ def disk_plan(sweep: Sweep, workers: int) -> str:
     resize = max(spec["choices"]) if spec and "choices" in spec else spec["high"] if spec else sweep.config["resize"]
     one = sizes.weights_bytes(resize)
     # Training: last.pt, and best.pt while the best epoch is an earlier one; at its end the model, then a
-    # kept trial holds last.pt and the model, the others nothing.
-    most = workers * 3 * one + min(sweep.keep_top, sweep.n_trials or sweep.keep_top) * 2 * one
+    # kept trial holds last.pt and the model, the others nothing. A worker trains `pack` trials at once.
+    most = workers * sweep.pack * 3 * one + min(sweep.keep_top, sweep.n_trials or sweep.keep_top) * 2 * one
     line = (f"disk: a trial writes up to {3 * one / 1e6:,.0f} MB ({one / 1e6:,.0f} MB each for last.pt, best.pt and "
             f"the model: {sizes.parameter_count(resize):,} parameters at resize {resize}); the top {sweep.keep_top} "
             f"{'and the Pareto front ' if sweep.cost else ''}keep {2 * one / 1e6:,.0f} MB each, the others nothing: "

@@ -14,7 +14,7 @@ from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, format_params
 from alexnet.tracking.lifecycle import StopRun, tracked_train
-from alexnet.training.train import Diverged
+from alexnet.training.train import Diverged, train
 from alexnet.tracking.views import NOTE
 
 
@@ -43,7 +43,7 @@ def settle(trial, sweep: Sweep, cfg: Config, records: list, run_id: str) -> dict
 
 
 def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release,
-              retry_of: int | None = None) -> float | tuple[float, float]:
+              retry_of: int | None = None, trainer=train) -> float | tuple[float, float]:
     params = suggest(trial, sweep.space)  # under the study lock: other workers' constant liar sees these
     release()  # the trial is RUNNING, with its params and a heartbeat: others may count it now
     cfg = Config(**{**sweep.config, **params, "run_name": f"{sweep.study}-trial-{trial.number}"})
@@ -67,7 +67,7 @@ def objective(trial: optuna.Trial, sweep: Sweep, parent: str, slot: int, release
         run = tracked_train(cfg, source=sweep.source, parent_run_id=parent,
                             tags=trial_tags(trial, sweep, slot, retry_of),
                             on_start=lambda run_id: started.update(run_id=run_id) or trial.set_user_attr("mlflow_run_id", run_id),
-                            on_epoch=report, progress=False, objective=sweep.objective)
+                            on_epoch=report, progress=False, objective=sweep.objective, trainer=trainer)
     except StopRun as e:
         settle(trial, sweep, cfg, seen, started["run_id"])
         raise optuna.TrialPruned(f"pruned at epoch {e.tags['sweep.pruned_epoch']}") from None

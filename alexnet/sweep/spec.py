@@ -51,6 +51,8 @@ class Sweep:
     grace_seconds: int = _f(60, "a trial silent this long is failed (its worker died) and retried with the same params")
     max_retry: int = _f(3, "times in a row a trial is retried with the same params when its worker died or a tracking "
                            "server or database refused one of its calls")
+    pack: int = _f(1, "trials a worker trains at once as one trial pack (same network and data, their own lr, dropout, "
+                      "Optuna trial and MLflow run); 1: one trial at a time")
     # --- Resolved by load_sweep, not keys of the file ---
     space: dict = field(default_factory=dict)   # config field -> {low, high, log, step} or {choices}
     config: dict = field(default_factory=dict)  # the base config every trial starts from, checked
@@ -74,7 +76,7 @@ SWEEP_VAL_SIZE = 5000  # the validation split a sweep holds out unless its base 
 
 
 def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = None,
-               storage: str | None = None) -> Sweep:
+               storage: str | None = None, pack: int | None = None) -> Sweep:
     """Read and check a sweep file; `--set` fixes config fields for every trial (a searched field
     that is `--set` leaves the search space)."""
     path = Path(path)
@@ -134,6 +136,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         "heartbeat_seconds": (sweep.heartbeat_seconds >= 1, ">= 1"),
         "grace_seconds": (sweep.grace_seconds > sweep.heartbeat_seconds, "more than heartbeat_seconds"),
         "max_retry": (sweep.max_retry >= 0, ">= 0"),
+        "pack": (sweep.pack >= 1, ">= 1"),
     }
     for name, (ok, allowed) in checks.items():
         if not ok:
@@ -147,6 +150,10 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
         if n_trials < 0:
             raise UsageError(f"sweep: --n-trials must be >= 0, got {n_trials}")
         sweep = dataclasses.replace(sweep, n_trials=n_trials)
+    if pack is not None:
+        if pack < 1:
+            raise UsageError(f"sweep: --pack must be >= 1, got {pack}")
+        sweep = dataclasses.replace(sweep, pack=pack)
     if sweep.n_trials == 0 and sweep.timeout_minutes == 0:
         raise UsageError(f"{where}: neither n_trials nor timeout_minutes is set: the sweep would never end")
 

@@ -34,10 +34,11 @@ from alexnet.team.backends import lost_connection, server_rejected
 from alexnet.training.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
+from alexnet.sweep.packs import run_pack
 from alexnet.sweep.retention import retain
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import SERVER_ERROR, next_step, open_storage, open_study, retry, study_lock
-from alexnet.training.train import check_device
+from alexnet.training.train import check_device, train
 
 compat.preload_sql_store()  # 0.9 s at import, paid while the launcher checks the device, data and stores
 
@@ -70,7 +71,10 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
     while True:
         with Round(lock) as held:
             step = next_step(study, sweep, deadline)
-            if step == "start":
+            if step == "start" and sweep.pack > 1:  # K trials as one trial pack (alexnet/sweep/packs.py)
+                run_pack(study, sweep, slot, parent, held.release, deadline,
+                         lambda study, *rest, **kw: run_trial(study, storage, *rest, **kw))
+            elif step == "start":
                 run_trial(study, storage, sweep, slot, parent, held.release)
         if step == "stop":
             return 0
@@ -84,9 +88,10 @@ def work(sweep: Sweep, slot: int, parent: str, deadline: float) -> int:
             print(f"alexnet sweep: worker {slot}: deleting old checkpoints failed ({first_line(e)})", file=sys.stderr)
 
 
-def run_trial(study, storage, sweep: Sweep, slot: int, parent: str, release) -> None:
+def run_trial(study, storage, sweep: Sweep, slot: int, parent: str, release, trainer=train) -> None:
     """One trial through `study.optimize`; afterwards its run's `sweep.state` tag mirrors the trial.
-    `storage`: the study's own (`open_storage`), asked for the trial by its number."""
+    `storage`: the study's own (`open_storage`), asked for the trial by its number. `trainer`: `train`, or
+    a pack member's share of its pack."""
     current = {}
     study_id = storage.get_study_id_from_name(study.study_name)
 
@@ -98,7 +103,8 @@ def run_trial(study, storage, sweep: Sweep, slot: int, parent: str, release) -> 
                 trial.set_user_attr(stale, "")
         history = storage.get_trial_system_attrs(current["id"]).get("retry_history")
         try:
-            return objective(trial, sweep, parent, slot, release, retry_of=history[-1] if history else None)
+            return objective(trial, sweep, parent, slot, release, retry_of=history[-1] if history else None,
+                             trainer=trainer)
         except Exception as e:
             current["disk_full"] = disk_full(e) if isinstance(e, OSError) else None
             current["lost"] = e if lost_connection(e) else None

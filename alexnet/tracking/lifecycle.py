@@ -188,14 +188,16 @@ def resume_config(run_id: str) -> Config:
 
 def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None, on_epoch=None, progress: bool = True,
-                  resume_run_id: str | None = None, on_start=None, objective: str | None = None) -> TrackedRun:
+                  resume_run_id: str | None = None, on_start=None, objective: str | None = None,
+                  trainer=train) -> TrackedRun:
     """`train(cfg)` inside one MLflow run. `on_start(run_id)` is called once the run exists;
     `on_epoch(record, run_id)` after each epoch, and may raise `StopRun`. The run ends FINISHED,
     KILLED or FAILED (see `end_status`); an exception that ended it is re-raised. `resume_run_id`:
     continue that run from its last checkpoint (`cfg` must be the run's own, see `resume_config`).
     `objective`: the metric logged first (default: `val/best_acc` with a validation split, else
     `test/best_acc`, what the leaderboard ranks by). The run's description (`mlflow.note.content`) is the tag of
-    that name in `tags`, else one `record.description` writes; its end adds how it ended."""
+    that name in `tags`, else one `record.description` writes; its end adds how it ended. `trainer`: what
+    yields the epochs, `train` or a trial pack's member (alexnet/sweep/packs.py)."""
     # --- Before the run exists: everything that can be checked ---
     preflight(cfg)
     objective = objective or ("val/best_acc" if cfg.val_size else "test/best_acc")
@@ -242,7 +244,7 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
                                            last_is_best=start is not None and start["best_epoch"] == start["epoch"])
         helpers.writer.call_after(record.warm_up_model_logging)  # beside the first epoch (once a process)
 
-        for rec in train(cfg, start=start, progress=progress):
+        for rec in trainer(cfg, start=start, progress=progress):
             improved = rec.best_epoch == rec.epoch
             # The epoch's metrics are logged by the writer once its checkpoint is published: a run
             # killed in between resumes from the previous epoch and logs this one then, once.
