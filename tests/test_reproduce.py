@@ -150,6 +150,25 @@ def test_force_trains_a_run_of_another_commit_with_this_code(tracked, capsys):
     assert f"run {new.info.run_id} reproduces run {copy}" in out and "logged no epoch" in out  # a copy without metrics
 
 
+def test_a_run_that_really_differs_is_reported_epoch_by_epoch_and_exits_1(tracked, capsys):
+    """A copy of the run's record whose logged val/acc at epoch 2 is 0.25 higher than what its config
+    trains: the reproduction (same code, CPU) matches every other number, so exactly that epoch and
+    metric are reported as differing, and the command fails."""
+    client = mlflow.MlflowClient()
+    copy = fake_record(tracked.run_id)
+    original = client.get_run(tracked.run_id).data.metrics
+    for key in original:
+        for m in client.get_metric_history(tracked.run_id, key):
+            client.log_metric(copy, key, m.value + (0.25 if (key, m.step) == ("val/acc", 2) else 0.0), step=m.step)
+    assert cli.main(["reproduce", copy, "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "\ndiffers at epoch 2: val/acc\n" in out
+    assert "NOT reproduced: the largest difference is 0.25, with the same code, device and versions" in out
+    [row] = [line for line in out.splitlines() if re.match(r" +2  val/acc ", line)]
+    assert row.split()[-1] == "-0.25"  # the reproduction's value minus the record's
+    assert re.search(r"\n +1  val/acc +(\S+) +\1 +0\n", out)  # epoch 1 agrees
+
+
 def test_changed_data_files_are_refused(tracked, tmp_path, monkeypatch, capsys):
     """The data itself altered (one byte of the test labels): refused before any run, naming the file."""
     source = Path(os.environ.get("ALEXNET_DATA_DIR") or datafiles.DEBIAN_DIR)

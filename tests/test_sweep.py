@@ -9,6 +9,7 @@ from the study, not assumed.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import psutil
 import pytest
 
 from alexnet import UsageError, cli
+from alexnet.sweep.confirm import verdict
 from alexnet.sweep.spec import load_sweep
 from conftest import ROOT, default_sigint, file_size_limit, wait_for
 
@@ -225,6 +227,10 @@ def test_confirm_reruns_top_and_baseline_with_fresh_seeds(mixed):
     winner = next(c for c in confirmed["configs"] if c["label"] == confirmed["winner"])
     assert winner["run_id"] == mixed["study"].trials[winner["trial"]].user_attrs["mlflow_run_id"]
     assert confirmed["beats_baseline"] == confirmed["verdict"].startswith("yes:")
+    # The verdict follows from the recorded values: Welch against the baseline, Holm over the top configurations.
+    judged = verdict([{**c, "finite": [v for v in c["values"] if math.isfinite(v)]} for c in confirmed["configs"]],
+                     "maximize")
+    assert judged.words == confirmed["verdict"] and judged.compared == confirmed["compared"] == 1  # trial 1 alone
     assert all({"label", "params", "values", "mean", "std", "trial", "run_id", "test_values", "test_mean",
                 "test_std"} <= set(c) for c in confirmed["configs"])
 

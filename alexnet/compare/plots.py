@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 from matplotlib.figure import Figure
 
+from alexnet import files
 from alexnet.redact import first_line
 
 CURVES = {"train/loss": "loss", "train/acc": "train acc", "test/acc": "test acc"}
@@ -46,9 +47,8 @@ def plot_curves(run_ids: list[str], path: str | Path, labels: list[str] | None =
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with files.replacing(path, suffix=path.suffix) as tmp:  # savefig picks the format from the suffix
+        fig.savefig(tmp, dpi=110)
     return path
 
 

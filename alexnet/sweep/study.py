@@ -76,14 +76,22 @@ def make_sampler(sweep: Sweep, seed: int):
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
+def first_prunable_epoch(sweep: Sweep) -> int:
+    """The earliest epoch at whose report any pruner may stop a trial: the `pruner_warmup_epochs`
+    before it are never judged. Epochs are reported as steps 1..E (objective.py)."""
+    return sweep.pruner_warmup_epochs + 1
+
+
 def make_pruner(sweep: Sweep):
+    first = first_prunable_epoch(sweep)
     if sweep.pruner == "median":
-        # Epochs are steps 1..E; pruning may start once `warmup` epochs are done.
-        return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
-                                           n_warmup_steps=sweep.pruner_warmup_epochs + 1)
+        # MedianPruner judges a step once step >= n_warmup_steps.
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=first)
     if sweep.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, sweep.pruner_warmup_epochs),
-                                              max_resource=sweep.config["epochs"])
+        # Hyperband's first rung is at step min_resource, so the same warm-up; it must not exceed
+        # max_resource, and a trial at its last epoch is never pruned anyway (objective.py).
+        epochs = sweep.config["epochs"]
+        return optuna.pruners.HyperbandPruner(min_resource=min(first, epochs), max_resource=epochs)
     return optuna.pruners.NopPruner()
 
 

@@ -1,8 +1,9 @@
 """`alexnet promote STUDY`: a sweep's confirmed winner into MLflow's model registry, as the `champion`.
 
 What `alexnet confirm STUDY` decided (the parent run's `confirm.json`: the winner, mean and std per
-configuration over fresh seeds, the one-sided Welch p-value, the verdict, the final test figure) is the
-only ground: a winner that confirm did not find better than the baseline is refused unless `--force`.
+configuration over fresh seeds, the one-sided Welch p-value Holm-corrected over the top configurations,
+the verdict, the final test figure) is the only ground: a winner that confirm did not find better than
+the baseline after that correction is refused unless `--force`.
 The model registered is the one the winner's sweep trial logged (the trial's own run, trained on the
 sweep's seed; a winner seeded from an earlier study: that study's run). If it is gone but the run's best
 checkpoint is not, the model is logged again from that checkpoint; if retention deleted both, the refusal

@@ -181,6 +181,15 @@ def format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def differing(rows: list[tuple]) -> str:
+    """The epochs and metrics that differ, epoch by epoch ("" when none does)."""
+    by_epoch = {}
+    for epoch, key, _, _, diff in rows:
+        if diff != 0:
+            by_epoch.setdefault(epoch, []).append(key)
+    return "; ".join(f"epoch {epoch}: {', '.join(keys)}" for epoch, keys in sorted(by_epoch.items()))
+
+
 def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
     """`alexnet reproduce RUN_ID [--force]`: 0 when the new run matches as it should, 1 when it differs
     where it should be identical (same code, device and versions, on the CPU or deterministic)."""
@@ -218,6 +227,8 @@ def reproduce(run_id: str, force: bool = False, quiet: bool = False) -> int:
         print(f"run {run_id} logged no epoch (it stopped before its first ended): nothing to compare")
         return 0
     print(format_rows(rows))
+    if worst != 0:
+        print(f"differs at {differing(rows)}")
     line, status = verdict(rows, worst, resolve_device(cfg).type, cfg.deterministic, same_code, machine)
     print(line)
     return status

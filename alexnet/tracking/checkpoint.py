@@ -30,7 +30,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from alexnet import UsageError
+from alexnet import UsageError, files
 from alexnet.tracking.disk import listed, remove
 from alexnet.tracking.store import CHECKPOINTS as FOLDER, local_artifact_dir
 
@@ -128,22 +128,15 @@ def save(state: dict, path: str | Path) -> str:
     """Write `state` (CPU tensors) to `path` atomically; return its sha256."""
     path = Path(path)
     check_room(path.parent, tensor_bytes(state), "a checkpoint")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(b"\0" * HEADER_BYTES)  # the header is filled in once the digest is known
-            hashing = _HashingFile(fh)
-            torch.save(state, hashing)
-            if hashing.error is not None:
-                raise hashing.error
-            digest = hashing.sha.hexdigest()
-            fh.seek(0)
-            fh.write(MAGIC + digest.encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic_open(path) as fh:
+        fh.write(b"\0" * HEADER_BYTES)  # the header is filled in once the digest is known
+        hashing = _HashingFile(fh)
+        torch.save(state, hashing)
+        if hashing.error is not None:
+            raise hashing.error
+        digest = hashing.sha.hexdigest()
+        fh.seek(0)
+        fh.write(MAGIC + digest.encode() + b"\n")
     return digest
 
 
@@ -190,13 +183,11 @@ def keep_last_as_best(run_id: str, artifact_uri: str) -> int:
         last, best = folder / FOLDER / "last.pt", folder / FOLDER / "best.pt"
         if not last.is_file():
             return 0
-        tmp = best.with_name(f".best.pt.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(last, tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(last, tmp)
-        os.replace(tmp, best)
+        with files.replacing(best) as tmp:
+            try:
+                os.link(last, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, tmp)
         return best.stat().st_size
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
         if "last.pt" not in listed(run_id):

@@ -21,7 +21,7 @@ import os
 import zlib
 from pathlib import Path
 
-from alexnet import UsageError
+from alexnet import UsageError, files
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -99,15 +99,6 @@ def _verified_bytes(path: Path, name: str) -> bytes:
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def source_dirs(data_dir: str = "") -> list[tuple[str, Path, bool]]:
     """The places searched, in order, as (what, folder, named by the user)."""
     dirs = []
@@ -148,8 +139,8 @@ def prepare(data_dir: str = "") -> Path | None:
             content = _verified_bytes(path, name)
             try:
                 raw.mkdir(parents=True, exist_ok=True)
-                _write_atomic(target, content)
-                _write_atomic(stamp_file, stamp.encode())
+                files.write_bytes(target, content)
+                files.write_bytes(stamp_file, stamp.encode())
             except OSError as e:
                 raise UsageError(f"data: cannot write the verified copy to {raw} ({e.strerror}): "
                                  f"set ALEXNET_CACHE_DIR to a writable folder") from None
