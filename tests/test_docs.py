@@ -4,6 +4,7 @@ line they show parses with the real CLI parser; every TOML example loads with th
 the numbers the prose quotes are the code's; the pictures are the browser test's screenshots."""
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -181,7 +182,8 @@ def test_a_broken_toml_example_would_fail(home, tmp_path):
 
 def claims():
     """(page, the words as they must stand, the code's value in them)."""
-    from alexnet.sweep.spec import SWEEP_VAL_SIZE, load_sweep
+    from alexnet import compat
+    from alexnet.sweep.spec import SWEEP_VAL_SIZE, Sweep, load_sweep
     from alexnet.training import sizes
     from alexnet.training.config import load_config
 
@@ -189,6 +191,10 @@ def claims():
     smoke = load_config(ROOT / "experiments" / "smoke.toml")
     trials = {name: load_sweep(ROOT / "sweeps" / f"{name}.toml").n_trials for name in ("smoke", "default")}
     mb = lambda resize: f"{sizes.weights_bytes(resize) / 1e6:.0f} MB"  # noqa: E731
+    sweep_defaults = {f.name: f.default for f in dataclasses.fields(Sweep)}
+    pack_tol = re.search(r"^LOSS_TOL = (\S+)", (ROOT / "tests" / "test_pack.py").read_text(), re.M).group(1)
+    warmup = sweep_defaults["pruner_warmup_epochs"]
+    versions = f"**MLflow {compat.MLFLOW_SUPPORTED}** and **Optuna {compat.OPTUNA_SUPPORTED}**"
     return [
         ("docs/getting-started.md", f"SQLite writers wait up to {n['SQLITE_TIMEOUT_S']} s for each other's lock"),
         ("docs/getting-started.md", f"tried again, up to {n['OPEN_ATTEMPTS']} times a second apart"
@@ -212,6 +218,20 @@ def claims():
         ("docs/sweeps.md", f"CPU: {trials['smoke']} small trials"),
         ("docs/sweeps.md", f"GPU: {trials['default']} full-data trials"),
         ("README.md", f"GPU: {trials['default']} full-data trials"),
+        ("docs/sweeps.md", f"`max_retry` (default {sweep_defaults['max_retry']}) bounds how many times in a row"),
+        ("docs/scaling-out.md", f"`max_retry` (default {sweep_defaults['max_retry']}) bounds the retries in a row"),
+        ("docs/sweeps.md", f"With the default W = {warmup}, no trial is pruned before it has trained {warmup + 1} epochs"),
+        ("docs/sweeps.md", f"each member's losses match its separate run within {pack_tol}"),
+        ("docs/sweeps.md", f"Holm-adjusted p < {n['ALPHA']}"),
+        ("docs/honest-results.md", f"Holm-adjusted p < {n['ALPHA']}"),
+        ("docs/scaling-out.md", f"a `heartbeat` renewed every {n['HEARTBEAT_S']} s"),
+        ("docs/scaling-out.md", f"its heartbeat is more than {n['STALE_AFTER_S'] // 60} minutes old"
+         if n["STALE_AFTER_S"] % 60 == 0 else "STALE_AFTER_S is not whole minutes"),
+        ("docs/comparing-runs.md", f"renews a `heartbeat` tag every {n['HEARTBEAT_S']} s"),
+        ("docs/comparing-runs.md", f"its heartbeat is more than {n['STALE_AFTER_S'] // 60} minutes old"),
+        ("docs/training.md", f"a `heartbeat` renewed every {n['HEARTBEAT_S']} s"),
+        ("docs/getting-started.md", versions),
+        ("docs/architecture.md", versions),
     ]
 
 
