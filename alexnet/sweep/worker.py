@@ -35,6 +35,7 @@ from alexnet.training.config import Config
 from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
 from alexnet.sweep.retention import retain
+from alexnet.sweep.ledger import settings_from
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import next_step, open_study, study_lock
 from alexnet.training.train import check_device
@@ -179,7 +180,7 @@ def main() -> int:
     if not orders.strip():
         return 0
     orders = json.loads(orders)
-    sweep, slot = Sweep(**orders["sweep"]), orders["slot"]
+    sweep, slot = settings_from(orders["sweep"]), orders["slot"]
     sys.argv = orders["argv"]  # the command the user typed, for the runs' `command` tag
     if os.environ.get(PARENT_ENV):
         follow_parent(int(os.environ[PARENT_ENV]))

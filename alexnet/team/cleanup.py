@@ -5,10 +5,11 @@ The policy, what each run keeps:
 - a run of `alexnet train`: while it can be resumed (KILLED, FAILED, stale), everything; once FINISHED,
   `last.pt` and its model: a `best.pt` beside them holds the model's weights again (tracking drops it as
   the run finishes; gc catches the runs from before);
-- a sweep's trials: the top `keep_top` FINISHED feasible trials of each study, by its objective, and in
-  a cost-aware sweep the trials on its Pareto front, keep their checkpoints and model; the others lose
-  them (the sweep itself applies this after every trial; gc catches sweeps stopped before it could). A
-  running sweep's trials are left to the sweep;
+- a sweep's trials: the trials the study keeps (`ledger.kept_trials`: the top `keep_top` COMPLETE
+  feasible trials by Optuna's value, the earlier on a tie, and in a cost-aware sweep the Pareto front)
+  keep their checkpoints and model; the others that finished lose them. It is the very rule the sweep
+  applies after every trial (`ledger.releasable`); gc catches sweeps stopped before it could. A running
+  sweep's trials are left to the sweep, and a study whose Optuna storage does not answer is left as it is;
 - confirm runs (`alexnet confirm`): they are there for their metric; once ended, their checkpoints and
   model go (confirm drops them as each run ends);
 - params, metrics, tags, config and plots always stay;
@@ -30,7 +31,7 @@ from mlflow.tracking._tracking_service.utils import _get_store
 from alexnet.tracking import disk, store
 from alexnet.compare import runs
 from alexnet.tracking.store import CHECKPOINTS
-from alexnet.sweep.costs import non_dominated
+from alexnet.sweep import ledger
 
 
 @dataclass
@@ -51,28 +52,26 @@ def _delete(run_id: str):
     return lambda: disk.delete_checkpoints(run_id)
 
 
-def trial_items(all_runs: list) -> list[Item]:
-    """Trials outside their study's top `keep_top`, of the studies not running now."""
+def trial_items(all_runs: list, notes: list[str] | None = None) -> list[Item]:
+    """Trials their study does not keep (`ledger.releasable`, as the sweep's own retention), of the studies
+    not running now. A study whose Optuna storage does not answer is left as it is (said in `notes`):
+    Optuna's trial states, not the runs', say which trials finished."""
     items = []
-    parents = {r.data.tags.get("sweep.study"): r for r in all_runs if r.data.tags.get("sweep.role") == "parent"}
+    parents = {}
+    for r in sorted((r for r in all_runs if r.data.tags.get("sweep.role") == "parent"), key=lambda r: r.info.start_time):
+        parents[r.data.tags.get("sweep.study")] = r  # the newest parent of each name, as `ledger.parents`
     for study, parent in parents.items():
         if parent.info.status == "RUNNING" and not store.stale_reason("RUNNING", parent.data.tags):
             continue  # the sweep applies its own retention, under its lock
-        objective, direction, _ = runs.study_objective(parent)
-        keep_top = int(parent.data.params.get("keep_top", 3))
+        settings = ledger.parent_settings(parent)
+        optuna_study, why = ledger.open_study(settings)
+        if optuna_study is None:
+            if notes is not None:
+                notes.append(f"sweep {study!r}: its trials are left as they are: {why}")
+            continue
         trials = [r for r in all_runs if r.data.tags.get("sweep.study") == study and r.data.tags.get("sweep.role") == "trial"]
-        done = [r for r in trials if r.info.status == "FINISHED" and objective in r.data.metrics
-                and r.data.tags.get("sweep.feasible") != "false"]
-        sign = -1 if direction == "maximize" else 1
-        keep = {r.info.run_id for r in sorted(done, key=lambda r: (sign * r.data.metrics[objective], r.info.start_time))[:keep_top]}
-        cost = f"cost/{parent.data.params.get('cost')}"
-        priced = [r for r in done if cost in r.data.metrics]
-        keep |= {priced[i].info.run_id for i in non_dominated([[sign * r.data.metrics[objective], r.data.metrics[cost]]
-                                                               for r in priced])}
-        for r in trials:
-            if r.info.run_id in keep or r.info.status == "RUNNING" or r.data.tags.get("checkpoints") == "deleted":
-                continue
-            items.append(Item(f"sweep {study!r}: checkpoints and models of trials outside its top {keep_top}",
+        for r in ledger.releasable(trials, optuna_study.get_trials(deepcopy=False), settings):
+            items.append(Item(f"sweep {study!r}: checkpoints and models of trials outside its top {settings.keep_top}",
                               r.info.run_id, _checkpoint_and_model_bytes(r), _delete(r.info.run_id)))
     return items
 
@@ -132,12 +131,14 @@ def plan() -> tuple[list[Item], list, str]:
     client = mlflow.MlflowClient()
     exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     all_runs = mlflow.search_runs(exp_ids, output_format="list", max_results=100000) if exp_ids else []
-    items = trial_items(all_runs) + confirm_items(all_runs)
+    notes = []
+    items = trial_items(all_runs, notes) + confirm_items(all_runs)
     items += finished_items(all_runs, {i.run_id for i in items})
     backend = _get_store()
     if _can_hard_delete(backend):
-        return items + deleted_items(backend), all_runs, ""
-    return items, all_runs, "runs deleted in MLflow on a tracking server: the server's own `mlflow gc` removes them"
+        return items + deleted_items(backend), all_runs, "; ".join(notes)
+    notes.append("runs deleted in MLflow on a tracking server: the server's own `mlflow gc` removes them")
+    return items, all_runs, "; ".join(notes)
 
 
 def gc(yes: bool) -> int:
