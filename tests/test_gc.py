@@ -96,3 +96,19 @@ def test_gc_applies_the_policy_to_every_run_and_removes_deleted_runs_for_good(ho
 
     assert cli.main(["gc"]) == 0
     assert capsys.readouterr().out.startswith("nothing to free: every one of the 7 runs keeps only what the policy keeps")
+
+
+def test_gc_leaves_runs_deleted_in_mlflow_while_an_experiment_is_deleted(home, capsys):
+    """`mlflow gc` would remove an experiment deleted in MLflow with all its runs; one can still restore it."""
+    store.set_up_store()
+    client = mlflow.MlflowClient()
+    deleted = make_run(client, store.experiment_id(store.DEFAULT_EXPERIMENT), "deleted", "FINISHED", {"checkpoints/last.pt": 1})
+    client.delete_run(deleted)
+    other = store.experiment_id("other")
+    kept = make_run(client, other, "in-a-deleted-experiment", "FINISHED", {"checkpoints/last.pt": 1})
+    client.delete_experiment(other)
+    assert cli.main(["gc", "--yes"]) == 0
+    assert "runs deleted in MLflow stay: `mlflow gc` would also remove the experiments deleted in MLflow ('other')" \
+        in capsys.readouterr().err
+    assert client.get_run(deleted).info.lifecycle_stage == "deleted" and client.get_run(kept)
+    assert client.get_experiment(other).lifecycle_stage == "deleted"
