@@ -205,6 +205,7 @@ def cmd_runs(args) -> int:
     """The leaderboard: one row per run, best first (alexnet/compare/runs.py)."""
     from alexnet import home
     from alexnet.compare import runs
+    from alexnet.sweep import ledger
     from alexnet.tracking import store
 
     if args.pareto and not args.sweep:
@@ -215,7 +216,7 @@ def cmd_runs(args) -> int:
     if args.pareto:
         from alexnet.sweep.pareto import format_front, read_front
 
-        print(format_front(read_front(runs.study_parent(args.sweep)), args.sweep))
+        print(format_front(read_front(ledger.parent_run(args.sweep)), args.sweep))
         return 0
     select = dict(experiment=args.experiment, sweep=args.sweep, parent=args.parent, status=args.status,
                   role=args.role, sort=args.sort, reverse=args.reverse, limit=args.limit)
@@ -253,7 +254,7 @@ def cmd_runs(args) -> int:
         if len(others):
             print(f"and {len(others)} confirm runs of this sweep: alexnet runs --sweep {args.sweep} --role confirm",
                   file=sys.stderr)
-        tags = runs.study_parent(args.sweep).data.tags
+        tags = ledger.parent_run(args.sweep).data.tags
         if tags.get("sweep.warm_start"):  # seeded trials: measured by another study, no runs of their own here
             print(f"and {tags.get('sweep.warm_start.seeded')} trials seeded from study {tags['sweep.warm_start']!r}: "
                   f"alexnet runs --sweep {tags['sweep.warm_start'].split('@')[0]}", file=sys.stderr)

@@ -4,10 +4,12 @@ real size on disk. The dry run deletes nothing and says what would go; `--yes` f
 what the policy keeps, and removes the deleted run for good."""
 
 import mlflow
+import optuna
 import pytest
 from mlflow.exceptions import MlflowException
 
 from alexnet import cli
+from alexnet.home import default_storage
 from alexnet.tracking import disk, store
 
 MB = 10**6
@@ -41,8 +43,13 @@ def test_gc_applies_the_policy_to_every_run_and_removes_deleted_runs_for_good(ho
     store.set_up_store()
     client = mlflow.MlflowClient()
     exp = store.experiment_id(store.DEFAULT_EXPERIMENT)
-    parent = client.create_run(exp, run_name="g", tags={"sweep.study": "g", "sweep.role": "parent"})
-    client.log_param(parent.info.run_id, "objective", "maximize test/best_acc")
+    storage = default_storage()  # the study's trials in Optuna: their states and values decide what stays
+    study = optuna.create_study(study_name="g", storage=storage, direction="maximize")
+    for acc in [0.5, 0.7, 0.6]:
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=acc))
+    parent = client.create_run(exp, run_name="g", tags={"sweep.study": "g", "sweep.role": "parent",
+                                                         "sweep.storage": storage})
+    client.log_param(parent.info.run_id, "objective", "maximize test/best_acc")  # as a parent before settings.json
     client.log_param(parent.info.run_id, "keep_top", "1")
     client.set_terminated(parent.info.run_id, "KILLED")  # stopped before its retention ran
     ckpt = {"checkpoints/last.pt": 3, "config.toml": 0}
@@ -89,3 +96,19 @@ def test_gc_applies_the_policy_to_every_run_and_removes_deleted_runs_for_good(ho
 
     assert cli.main(["gc"]) == 0
     assert capsys.readouterr().out.startswith("nothing to free: every one of the 7 runs keeps only what the policy keeps")
+
+
+def test_gc_leaves_runs_deleted_in_mlflow_while_an_experiment_is_deleted(home, capsys):
+    """`mlflow gc` would remove an experiment deleted in MLflow with all its runs; one can still restore it."""
+    store.set_up_store()
+    client = mlflow.MlflowClient()
+    deleted = make_run(client, store.experiment_id(store.DEFAULT_EXPERIMENT), "deleted", "FINISHED", {"checkpoints/last.pt": 1})
+    client.delete_run(deleted)
+    other = store.experiment_id("other")
+    kept = make_run(client, other, "in-a-deleted-experiment", "FINISHED", {"checkpoints/last.pt": 1})
+    client.delete_experiment(other)
+    assert cli.main(["gc", "--yes"]) == 0
+    assert "runs deleted in MLflow stay: `mlflow gc` would also remove the experiments deleted in MLflow ('other')" \
+        in capsys.readouterr().err
+    assert client.get_run(deleted).info.lifecycle_stage == "deleted" and client.get_run(kept)
+    assert client.get_experiment(other).lifecycle_stage == "deleted"

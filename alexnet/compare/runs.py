@@ -24,6 +24,7 @@ from alexnet.compare import query
 from alexnet.tracking import store
 from alexnet.home import tracking_uri, where
 from alexnet.redact import redact
+from alexnet.sweep import ledger
 
 # Leaderboard column -> search_runs column. Params arrive as strings; they are made numbers below.
 COLUMNS = {
@@ -55,52 +56,8 @@ ROLES = ("run", "trial", "parent", "confirm")
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED")
 
 
-def _quoted(value: str, what: str) -> str:
-    if "'" in value:
-        raise UsageError(f"runs: {what} {value!r} contains a quote: pick a name without one")
-    return f"'{value}'"
-
-
-# --- Sweeps, as MLflow knows them (their parent runs) ---------------------------------------------
-
-def studies(experiment_id: str | None = None) -> dict:
-    """{study name: its parent run}, the newest parent of each name, in one experiment or all."""
-    kwargs = {"experiment_ids": [experiment_id]} if experiment_id else {"search_all_experiments": True}
-    parents = mlflow.search_runs(filter_string="tags.`sweep.role` = 'parent'", output_format="list",
-                                 order_by=["attributes.start_time ASC"], max_results=50000, **kwargs)
-    return {r.data.tags["sweep.study"]: r for r in parents if "sweep.study" in r.data.tags}
-
-
-def study_parent(name: str, command: str = "runs", experiment_id: str | None = None):
-    """The study's parent run, in one experiment or all, or a UsageError naming the sweeps there are."""
-    known = studies(experiment_id)
-    if name not in known:
-        raise UsageError(no_sweep(name, known, command))
-    return known[name]
-
-
-def no_sweep(name: str, known, command: str) -> str:
-    return f"{command}: no sweep {name!r} in {redact(where(tracking_uri()))} (sweeps: {', '.join(sorted(known)) or 'none yet'})"
-
-
 def no_experiment(name: str, known) -> str:
     return f"runs: no experiment {name!r} in {redact(where(tracking_uri()))} (known: {', '.join(known) or 'none yet'})"
-
-
-def study_objective(parent) -> tuple[str, str, list[str]]:
-    """(objective metric, direction, searched params) of a study, from its parent run's params."""
-    params = parent.data.params
-    direction, _, objective = params.get("objective", "maximize test/best_acc").partition(" ")
-    return objective, direction, [k.removeprefix("space.") for k in params if k.startswith("space.")]
-
-
-def top_trials(study: str, experiment_id: str, objective: str, direction: str, top: int) -> list:
-    """The study's best FINISHED trial runs, best first."""
-    order = f"metrics.`{objective}` {'DESC' if direction == 'maximize' else 'ASC'}"
-    found = mlflow.search_runs([experiment_id], f"tags.`sweep.study` = {_quoted(study, 'sweep')} and "
-                               "tags.`sweep.role` = 'trial' and attributes.status = 'FINISHED'",
-                               order_by=[order], max_results=top, output_format="list")
-    return [r for r in found if objective in r.data.metrics]
 
 
 # --- The leaderboard --------------------------------------------------------------------------------
@@ -131,7 +88,7 @@ def search(experiment: str | None = None, sweep: str | None = None, parent: str 
         if sweep:
             studies_here = set(tags["tags.sweep.study"][tags["tags.sweep.role"] == "parent"].dropna())
             if sweep not in studies_here:
-                raise UsageError(no_sweep(sweep, studies_here, "runs"))
+                raise UsageError(ledger.no_sweep(sweep, studies_here, "runs"))
             df = df[tags["tags.sweep.study"] == sweep]
         if parent:
             df = df[tags["tags.mlflow.parentRunId"] == parent]
@@ -157,12 +114,15 @@ def _search_runs(experiment: str | None, sweep: str | None, parent: str | None, 
         exp_id = exp.experiment_id
     filters = []
     if sweep:
-        study_parent(sweep, experiment_id=exp_id)  # in the experiment named, as the SQL path looks
-        filters.append(f"tags.`sweep.study` = {_quoted(sweep, 'sweep')}")
+        ledger.parent_run(sweep, experiment_id=exp_id)  # in the experiment named, as the SQL path looks
+        filters.append(ledger.study_filter(sweep))
     if parent:
-        filters.append(f"tags.`mlflow.parentRunId` = {_quoted(parent, 'parent run id')}")
+        filters.append(ledger.tag_clause("mlflow.parentRunId", parent))
     kwargs = {"experiment_ids": [exp_id]} if exp_id else {"search_all_experiments": True}
-    return mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
+    df = mlflow.search_runs(filter_string=" and ".join(filters), output_format="pandas", **kwargs)
+    if sweep and len(df):  # a name no literal holds was matched with LIKE: keep the study's own runs
+        df = df[df["tags.sweep.study"] == sweep]
+    return df
 
 
 def sort_key(sort: str) -> str:

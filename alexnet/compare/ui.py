@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 
 from alexnet import UsageError, home
-from alexnet.compare import runs
+from alexnet.sweep import ledger
 from alexnet.tracking import store, views
 from alexnet.home import artifacts_dir, is_local_default, where
 from alexnet.redact import redact
@@ -42,10 +42,11 @@ def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) ->
     experiment's runs and each of its studies' trials."""
     client = mlflow.MlflowClient()
     if sweep:
-        parent = runs.study_parent(sweep, "ui")
+        parent = ledger.parent_run(sweep, "ui")
         exp_id = parent.info.experiment_id
-        objective, direction, _ = runs.study_objective(parent)
-        best = runs.top_trials(sweep, exp_id, objective, direction, top)
+        settings = ledger.parent_settings(parent)
+        objective = settings.objective
+        best = ledger.best_trial_runs(sweep, settings, exp_id, top)
         if not best:
             raise UsageError(f"ui: sweep {sweep!r} has no FINISHED trial to compare yet")
         found = [(f"sweep {sweep!r}: its trials, best {objective} first", sweep_page(base, client, sweep, parent)),
@@ -65,15 +66,16 @@ def links(base: str, experiment: str, sweep: str | None = None, top: int = 3) ->
         if key != views.NOTE or key not in exp.tags:  # a description edited in the UI stays
             client.set_experiment_tag(exp.experiment_id, key, value)
     found = [(f"experiment {experiment!r}: its runs, best test/best_acc first", views.runs_url(base, exp.experiment_id))]
-    for name, parent in runs.studies(exp.experiment_id).items():
+    for name, parent in ledger.parents(exp.experiment_id).items():
         found.append((f"sweep {name!r}: its trials", sweep_page(base, client, name, parent)))
     return found
 
 
 def sweep_page(base: str, client, study: str, parent) -> str:
     """The runs page of a study's trials, its view (the searched params, the objective) written first."""
-    objective, direction, space = runs.study_objective(parent)
-    for key, value in views.sweep_tags(study, space, objective, direction).items():
+    settings = ledger.parent_settings(parent)
+    for key, value in views.sweep_tags(study, list(settings.space), settings.objective, settings.direction,
+                                       ledger.study_filter(study, "trial")).items():
         client.set_experiment_tag(parent.info.experiment_id, key, value)
     return views.runs_url(base, parent.info.experiment_id, views.sweep_view_key(study))
 
@@ -179,7 +181,7 @@ def serve(host: str, port: int, allowed_hosts: str | None, experiment: str, swee
             webbrowser.open(found[0][1])
         return 0
     if sweep:
-        runs.study_parent(sweep, "ui")  # an unknown study is refused before the server starts
+        ledger.parent_run(sweep, "ui")  # an unknown study is refused before the server starts
     artifact_root = artifacts_dir().as_uri() if is_local_default(uri) else None
     proc, base = start(uri, artifact_root, host, port, allowed_hosts)
 

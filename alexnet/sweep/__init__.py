@@ -11,11 +11,13 @@ The protocol between the launcher, the workers, Optuna and MLflow:
      COMPLETE -> FINISHED, PRUNED -> KILLED (tag `sweep.state=PRUNED`), FAIL -> FAILED.
      With `pack = K` (`packs.py`) a worker starts up to K trials in one round and trains those that share
      a network and data as one trial pack (`alexnet/training/pack.py`); each stays its own trial and run.
-  3. After each trial, under the lock, retention (`retention.py`) deletes the checkpoints of trials
-     outside the top K.
+  3. After each trial, under the lock, retention (`retention.py`) deletes the checkpoints of the trials
+     the study does not keep.
   4. The launcher watches the study, then keeps the top K, writes the summary and the plots on the
      parent run (`report.py`) and ends the parent: FINISHED when the study has its count, KILLED when
      stopped short (running the same command again resumes both).
-`dry_run.py` runs the machinery tiny in a temporary store; `confirm.py` re-trains the top trials and
-the baseline with fresh seeds.
+`ledger.py` answers what a study is, for every command: its runs (parent, trials, confirm runs), its
+settings (written once per launch, read back typed) and the trials it keeps (the sweep's retention and
+`alexnet gc` alike). `dry_run.py` runs the machinery tiny in a temporary store; `confirm.py` re-trains
+the top trials and the baseline with fresh seeds.
 """

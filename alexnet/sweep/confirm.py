@@ -48,7 +48,7 @@ from scipy import stats
 from alexnet import UsageError, home
 from alexnet.tracking import disk, store
 from alexnet.training.config import Config
-from alexnet.sweep.parent import trial_runs
+from alexnet.sweep.ledger import confirm_runs, study_settings
 from alexnet.sweep.spec import format_params
 from alexnet.sweep.study import load_study, objective_value, ranked
 from alexnet.tracking.lifecycle import tracked_train
@@ -73,9 +73,9 @@ def welch(a: list[float], b: list[float], better: str) -> float:
 def choose(study, top: int) -> dict:
     """The configurations to confirm, keyed by their params as JSON: the baseline first (the base
     experiment's own values, which may be a top trial too), then the top K distinct trials."""
-    attrs = study.user_attrs
-    base_params = {k: attrs["base_config"][k] for k in attrs["space"]}
-    best = ranked(study, attrs["direction"])
+    settings = study_settings(study)
+    base_params = {k: settings.config[k] for k in settings.space}
+    best = ranked(study, settings.direction)
     top_configs = {}
     for t in best:
         key = json.dumps(t.params, sort_keys=True)
@@ -103,11 +103,11 @@ def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None
     """Each configuration's objective over the fresh seeds, in `c["values"]`, and its final test figure,
     in `c["test_values"]`, kept apart: runs confirmed before (same params, same seed, FINISHED) are
     reused, so an interrupted confirm resumes where it stopped."""
-    attrs, name = study.user_attrs, study.study_name
-    objective, base = attrs["objective"], attrs["base_config"]
+    settings, name = study_settings(study), study.study_name
+    objective, base = settings.objective, settings.config
     final = test_metric(base)
     done = {}  # (params key, seed) -> (objective value, test value)
-    for run in trial_runs(name, role="confirm", experiment=base["experiment"]):
+    for run in confirm_runs(name, experiment=base["experiment"]):
         tags, metrics = run.data.tags, run.data.metrics
         if run.info.status == "FINISHED" and objective in metrics:
             done[(tags.get("sweep.confirm_params"), int(tags.get("sweep.seed", -1)))] = \
@@ -130,7 +130,7 @@ def train_seeds(study, configs: dict, seed_list: list[int], quiet: bool) -> None
                           f"fresh seed {seed}, to measure its {objective} beyond one seed's luck."}
             started = {}
             try:
-                run = tracked_train(cfg, source=attrs.get("sweep_file"), parent_run_id=attrs["mlflow_parent_run_id"],
+                run = tracked_train(cfg, source=settings.source or None, parent_run_id=study.user_attrs["mlflow_parent_run_id"],
                                     tags=tags, progress=not quiet, objective=objective,
                                     on_start=lambda run_id: started.update(run_id=run_id))
                 value, test = run.records[-1].metrics()[objective], run.records[-1].metrics().get(final, math.nan)
@@ -203,9 +203,9 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
         raise UsageError(f"confirm: --seeds must be >= 2 to measure seed noise, got {seeds}")
     store.set_up_store()
     study = load_study(study_name, storage)
-    attrs = study.user_attrs
-    home.announce(attrs["base_config"]["experiment"])
-    objective, direction, parent = attrs["objective"], attrs["direction"], attrs["mlflow_parent_run_id"]
+    settings = study_settings(study)
+    home.announce(settings.config["experiment"])
+    objective, direction, parent = settings.objective, settings.direction, study.user_attrs["mlflow_parent_run_id"]
     if objective.startswith("test/"):
         raise UsageError(f"confirm: study {study_name!r} selected on {objective}, a test metric: its ranking is biased "
                          f"upwards; sweep again with a validation objective (val/best_acc, the default)")
@@ -235,7 +235,7 @@ def confirm(study_name: str, top: int = 3, seeds: int = 3, storage: str | None =
     print(f"winner beats the baseline? {words}")
 
     # --- The final figure, read only now: test accuracy, chosen by nothing ---
-    final = test_metric(attrs["base_config"])
+    final = test_metric(settings.config)
     for c in rows:
         c["test_mean"], c["test_std"] = mean_std([v for v in c["test_values"] if math.isfinite(v)])
     shown = [rows[0]] + ([winner] if winner is not None and winner is not rows[0] else [])

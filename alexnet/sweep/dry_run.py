@@ -13,7 +13,7 @@ from alexnet.training.config import MIN_RESIZE
 from alexnet.home import default_storage, tracking_uri, where
 from alexnet.redact import redact
 from alexnet.sweep.launcher import run_sweep
-from alexnet.sweep.parent import trial_runs
+from alexnet.sweep.ledger import trial_runs
 from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space, format_params
 
 

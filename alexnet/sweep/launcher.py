@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -37,6 +36,7 @@ from alexnet.tracking import store
 from alexnet.team.backends import check_database, lost_connection
 from alexnet.home import artifacts_dir, is_local_default, sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
+from alexnet.sweep.ledger import made_by_sweep, settings_dict, study_settings, write_settings
 from alexnet.sweep.parent import existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
@@ -84,26 +84,22 @@ def set_up(sweep: Sweep, workers: int, command: str, warm: WarmStart | None = No
         exp_id = store.experiment_id(sweep.config["experiment"])
         attrs = study.user_attrs
         fixed = {k: v for k, v in sweep.config.items() if k not in UNCOMPARED}
-        if "base_config" in attrs:
-            old = {k: v for k, v in attrs["base_config"].items() if k not in UNCOMPARED}
+        if made_by_sweep(attrs):
+            started = study_settings(study)
+            old = {k: v for k, v in started.config.items() if k not in UNCOMPARED}
             changed = sorted(k for k in set(old) | set(fixed) if old.get(k) != fixed.get(k))
             if changed:
                 k = changed[0]
                 raise UsageError(f"sweep: study {sweep.study!r} was started with {k} = {old.get(k)!r}, now "
                                  f"{fixed.get(k)!r}: run it as it started, or name a new study (study = ... in the file)")
-            if attrs.get("space") != json.loads(json.dumps(sweep.space)) or attrs.get("direction") != sweep.direction \
-                    or attrs.get("objective") != sweep.objective or attrs.get("cost", "") != sweep.cost \
-                    or attrs.get("max_epoch_seconds", 0.0) != sweep.max_epoch_seconds:
+            if started.space != json.loads(json.dumps(sweep.space)) or started.direction != sweep.direction \
+                    or started.objective != sweep.objective or started.cost != sweep.cost \
+                    or started.max_epoch_seconds != sweep.max_epoch_seconds:
                 raise UsageError(f"sweep: study {sweep.study!r} was started with another search space, objective, cost "
                                  f"or constraint: name a new study (study = ... in the file)")
         started_from = seed(study, attrs, sweep, warm)  # a new study only, before its first trial is queued
-        if "base_config" not in attrs:
-            for k, v in {"base_config": sweep.config, "space": sweep.space, "objective": sweep.objective,
-                         "direction": sweep.direction, "cost": sweep.cost, "max_epoch_seconds": sweep.max_epoch_seconds,
-                         "sweep_file": sweep.source, "mlflow_experiment": sweep.config["experiment"]}.items():
-                study.set_user_attr(k, v)
-            if sweep.cost:  # Optuna's plots and tables name the two values
-                study.set_metric_names([sweep.objective, COSTS[sweep.cost]])
+        if sweep.cost and not made_by_sweep(attrs):  # Optuna's plots and tables name the two values
+            study.set_metric_names([sweep.objective, COSTS[sweep.cost]])
         client = mlflow.MlflowClient()
         parent = existing_parent(attrs.get("mlflow_parent_run_id"))
         if parent is None:
@@ -121,6 +117,7 @@ def set_up(sweep: Sweep, workers: int, command: str, warm: WarmStart | None = No
             study.set_user_attr("mlflow_parent_run_id", parent)
         else:
             client.update_run(parent, status="RUNNING")
+        write_settings(study, parent, sweep)  # this launch's: a resume may change keep_top, the sampler...
         client.set_tag(parent, "sweep.n_trials", str(sweep.n_trials))
         # A seeded trial with the base's own values is the baseline already: it is not trained again.
         if sweep.enqueue_base and not attrs.get("base_enqueued") \
@@ -156,7 +153,7 @@ def disk_plan(sweep: Sweep, workers: int) -> str:
 def worker_orders(sweep: Sweep, slot: int, parent: str, deadline: float, threads: int) -> dict:
     """What a worker needs to start (`worker.main`): the resolved sweep, its slot, the parent run, the
     deadline, its torch threads, the stores, and the command the user typed (the runs' `command` tag)."""
-    return {"sweep": asdict(sweep), "slot": slot, "parent": parent, "deadline": deadline, "threads": threads,
+    return {"sweep": settings_dict(sweep), "slot": slot, "parent": parent, "deadline": deadline, "threads": threads,
             "tracking_uri": tracking_uri(), "argv": sys.argv}
 
 

@@ -1,5 +1,6 @@
-"""The study's runs in MLflow: one parent run per study, one child run per trial (`sweep.trial`), and
-confirmation runs (`sweep.role=confirm`). Torch-free: the launcher uses it."""
+"""What a sweep does to its runs in MLflow: end a dead worker's trial run, and find the study's parent
+run again on a resume. Which runs are the study's is the ledger's answer (`ledger.py`). Torch-free: the
+launcher uses it."""
 
 from __future__ import annotations
 
@@ -7,22 +8,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from alexnet import UsageError
-from alexnet.tracking import store
 from alexnet.redact import first_line
-
-
-def trial_runs(study_name: str, role: str = "trial", experiment: str | None = None) -> list:
-    """The study's child runs (MLflow Run objects) with the given `sweep.role`."""
-    name = study_name.replace("'", "\\'")
-    exps = [store.experiment_id(experiment)] if experiment else [e.experiment_id for e in mlflow.search_experiments()]
-    return mlflow.search_runs(exps, f"tags.`sweep.study` = '{name}' and tags.`sweep.role` = '{role}'",
-                              output_format="list", max_results=50000)
+from alexnet.sweep.ledger import study_settings, trial_runs
 
 
 def end_trial_runs(study, number: int, status: str, tags: dict) -> None:
     """End the MLflow run(s) of a trial still marked RUNNING (its worker died)."""
     client = mlflow.MlflowClient()
-    for run in trial_runs(study.study_name, experiment=study.user_attrs.get("mlflow_experiment")):
+    for run in trial_runs(study.study_name, experiment=study_settings(study).config.get("experiment")):
         if run.data.tags.get("sweep.trial") == str(number) and run.info.status == "RUNNING":
             for k, v in tags.items():
                 client.set_tag(run.info.run_id, k, v)

@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 
 from alexnet import UsageError
-from alexnet.sweep.study import pareto_front
+from alexnet.sweep.ledger import parent_settings, pareto_front
 
 FILE = "pareto.csv"
 
@@ -29,7 +29,7 @@ def front_table(trials: list, objective: str, direction: str, cost: str) -> pd.D
 def read_front(parent) -> pd.DataFrame:
     """The front a sweep wrote on its parent run (an MLflow Run), or a UsageError saying why there is none."""
     study = parent.data.tags.get("sweep.study", "?")
-    if "cost" not in parent.data.params:
+    if not parent_settings(parent).cost:
         raise UsageError(f"runs: sweep {study!r} has one objective, so no Pareto front: a sweep file with "
                          f"cost = \"seconds\" (or \"flops\", \"inverse_throughput\") makes one")
     try:

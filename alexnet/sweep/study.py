@@ -12,7 +12,6 @@ lives on one machine, and its lock is a file lock beside it.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -29,11 +28,10 @@ from alexnet import UsageError
 from alexnet.training.config import FIELDS
 from alexnet.home import SQLITE_TIMEOUT_S, default_storage, mlruns_dir, sqlite_path
 from alexnet.redact import first_line, redact
-from alexnet.sweep.costs import non_dominated
+from alexnet.sweep.ledger import (FINISHED_STATES, complete, feasible, objective_value, pareto_front,  # noqa: F401
+                                  made_by_sweep, rank, seeded, study_settings)
 from alexnet.sweep.parent import end_trial_runs
 from alexnet.sweep.spec import Sweep, directions
-
-FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
 
@@ -133,7 +131,7 @@ def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.
         raise UsageError(f"{what}: no study {name!r} in {redact(url)} (studies: {', '.join(names) or 'none'}): "
                          f"run `alexnet sweep FILE` first")
     study = optuna.load_study(study_name=name, storage=storage)
-    if "base_config" not in study.user_attrs or "mlflow_parent_run_id" not in study.user_attrs:
+    if not made_by_sweep(study.user_attrs) or "mlflow_parent_run_id" not in study.user_attrs:
         raise UsageError(f"{what}: study {name!r} was not made by `alexnet sweep` (no base config or parent run)")
     return study
 
@@ -181,23 +179,6 @@ def study_lock(sweep: Sweep):
 
 
 # --- Counting -----------------------------------------------------------------------------------------
-
-def seeded(t) -> bool:
-    """A trial seeded from an earlier study (`alexnet sweep --warm-start`): a finished trial that this
-    study never trained and has no MLflow run of its own."""
-    return "seeded_from" in t.user_attrs
-
-
-def objective_value(t) -> float | None:
-    """The trial's objective (the first of a cost-aware study's two values)."""
-    return t.values[0] if t.values else None
-
-
-def feasible(t) -> bool:
-    """A trial within the sweep's constraint (`max_epoch_seconds`), as Optuna counts it: every constraint
-    value <= 0. A trial without one is feasible."""
-    return all(v <= 0 for v in t.constraints.values())
-
 
 def tally(study, trials: list | None = None):
     """(finished, running, waiting) trials this study trained: seeded trials are not counted (`n_trials`
@@ -255,24 +236,7 @@ def requeue_server_failures(study, sweep: Sweep, trials: list | None = None) -> 
     return [t for t in spent if len(t.system_attrs.get("retry_history", [])) < sweep.max_retry]
 
 
-def complete(trials: list) -> list:
-    """The COMPLETE, feasible trials with finite values: those a ranking or a front may hold."""
-    return [t for t in trials if t.state.name == "COMPLETE" and t.values and all(map(math.isfinite, t.values))
-            and feasible(t)]
-
-
 def ranked(study, direction: str | None = None, trials: list | None = None) -> list:
-    """COMPLETE, feasible trials (of `trials`, else the study's now), best first by the objective (a
-    cost-aware study's first value; ties: the earlier trial first). Infeasible trials are never ranked."""
-    sign = -1 if (direction or study.user_attrs.get("direction", "maximize")) == "maximize" else 1
+    """COMPLETE, feasible trials (of `trials`, else the study's now), best first (`ledger.rank`)."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    return sorted(complete(trials), key=lambda t: (sign * objective_value(t), t.number))
-
-
-def pareto_front(trials: list, directions: list[str]) -> list:
-    """The non-dominated COMPLETE, feasible trials, cheapest first: no other such trial is at least as
-    good in every value and better in one (Optuna's `best_trials`, over a given snapshot)."""
-    signs = [1 if d == "minimize" else -1 for d in directions]
-    done = complete(trials)
-    front = [done[i] for i in non_dominated([[s * v for s, v in zip(signs, t.values)] for t in done])]
-    return sorted(front, key=lambda t: (t.values[-1], t.number))
+    return rank(trials, direction or study_settings(study).direction)

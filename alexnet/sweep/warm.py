@@ -39,6 +39,7 @@ from alexnet.home import default_storage, tracking_uri, where
 from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, base_params, describe_space
+from alexnet.sweep.ledger import made_by_sweep, study_settings
 from alexnet.sweep.study import distributions, load_study, objective_value, seeded
 
 IGNORED = {"device", "data_dir", "num_workers", "run_name", "experiment"}  # where a trial ran, not what it trained
@@ -84,9 +85,9 @@ def plan(sweep: Sweep, text: str) -> WarmStart:
         raise UsageError(f"sweep: --warm-start {name}: a study cannot start from itself; name the earlier study "
                          f"(and the new one, study = ... in the file)")
     old = load_study(name, storage, what="sweep: --warm-start")
-    attrs = old.user_attrs
-    if (attrs["objective"], attrs["direction"]) != (sweep.objective, sweep.direction):
-        raise UsageError(f"sweep: --warm-start {name}: that study {attrs['direction']}s {attrs['objective']}, this one "
+    earlier = study_settings(old)
+    if (earlier.objective, earlier.direction) != (sweep.objective, sweep.direction):
+        raise UsageError(f"sweep: --warm-start {name}: that study {earlier.direction}s {earlier.objective}, this one "
                          f"{sweep.direction}s {sweep.objective}: its values mean something else here")
     source = name if storage == sweep.storage else f"{name}@{redact(storage)}"
     plan_ = WarmStart(source)
@@ -95,7 +96,7 @@ def plan(sweep: Sweep, text: str) -> WarmStart:
         if t.state != TrialState.COMPLETE:
             plan_.unfinished += 1
             continue
-        config = {**attrs["base_config"], **t.params}
+        config = {**earlier.config, **t.params}
         params = {k: config.get(k) for k in sweep.space}
         other = next((k for k in sweep.config if k not in IGNORED and k not in sweep.space
                       and config.get(k) != sweep.config[k]), None)
@@ -159,7 +160,7 @@ def seed(study, attrs: dict, sweep: Sweep, warm: WarmStart | None) -> dict[str, 
     if attrs.get("warm_start") is not None:
         raise UsageError(f"sweep: study {sweep.study!r} was warm-started from {attrs['warm_start']!r}: run it as it "
                          f"started, or name a new study (study = ... in the file)")
-    if "base_config" in attrs:
+    if made_by_sweep(attrs):
         raise UsageError(f"sweep: study {sweep.study!r} already exists: --warm-start seeds a new study "
                          f"(study = ... in the file names one)")
     study.add_trials(warm.trials)

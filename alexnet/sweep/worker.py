@@ -36,6 +36,7 @@ from alexnet.redact import first_line
 from alexnet.sweep.objective import objective
 from alexnet.sweep.packs import run_pack
 from alexnet.sweep.retention import retain
+from alexnet.sweep.ledger import settings_from
 from alexnet.sweep.spec import PARENT_ENV, SPEC_ENV, Sweep
 from alexnet.sweep.study import SERVER_ERROR, next_step, open_storage, open_study, retry, study_lock
 from alexnet.training.train import check_device, train
@@ -196,7 +197,7 @@ def main() -> int:
     if not orders.strip():
         return 0
     orders = json.loads(orders)
-    sweep, slot = Sweep(**orders["sweep"]), orders["slot"]
+    sweep, slot = settings_from(orders["sweep"]), orders["slot"]
     sys.argv = orders["argv"]  # the command the user typed, for the runs' `command` tag
     if os.environ.get(PARENT_ENV):
         follow_parent(int(os.environ[PARENT_ENV]))

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 
 from alexnet import UsageError, compat, home
 from alexnet.tracking import checkpoint, disk, record, store
-from alexnet.compare import runs
+from alexnet.sweep import ledger
 from alexnet.training.config import Config
 from alexnet.home import tracking_uri, where
 from alexnet.tracking.record import MD5_TAG
@@ -69,10 +69,7 @@ def winner_run(confirmed: dict, winner: dict, study: str):
     run_id = winner.get("run_id") or confirmed.get("winner_run_id")
     trial = winner.get("trial", confirmed.get("winner_trial"))
     if not run_id:  # a confirmation written before it recorded run ids: the study's trial run
-        found = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                               filter_string=f"tags.`sweep.study` = '{study}' and "
-                                                             f"tags.`sweep.role` = 'trial' and attributes.status = 'FINISHED'")
-                 if r.data.tags.get("sweep.trial") == str(trial)]
+        found = [r for r in ledger.trial_runs(study, status="FINISHED") if r.data.tags.get("sweep.trial") == str(trial)]
         run_id = found[0].info.run_id if found else None
     try:
         return mlflow.MlflowClient().get_run(run_id) if run_id else None
@@ -80,7 +77,7 @@ def winner_run(confirmed: dict, winner: dict, study: str):
         return None
 
 
-def logged_model(run, keep_top: str, quiet: bool):
+def logged_model(run, keep_top: int, quiet: bool):
     """The run's logged model: the one it has, or one logged again from its best checkpoint; a
     UsageError saying why there is none."""
     models = [m for m in disk.logged_models(run) if m.status == LoggedModelStatus.READY]
@@ -159,7 +156,7 @@ def register(name: str, model, run, tags: dict[str, str], description: str):
 def promote(study: str, force: bool = False, quiet: bool = False) -> int:
     """`alexnet promote STUDY`: everything is checked before anything is written."""
     store.set_up_store()
-    parent = runs.study_parent(study, "promote")
+    parent = ledger.parent_run(study, "promote")
     name = mlflow.MlflowClient().get_experiment(parent.info.experiment_id).name
     home.announce(name)
     confirmed = read_confirmation(parent, study)
@@ -173,7 +170,7 @@ def promote(study: str, force: bool = False, quiet: bool = False) -> int:
     if run is None or run.info.status != "FINISHED":
         raise UsageError(f"promote: the winner, {winner['label']} of sweep {study!r}, has no FINISHED run "
                          f"({winner.get('run_id') or 'none recorded'}): nothing to register")
-    model = logged_model(run, parent.data.params.get("keep_top", "?"), quiet)
+    model = logged_model(run, ledger.parent_settings(parent).keep_top, quiet)
     tags = version_tags(study, parent, run, confirmed, winner, force and not confirmed.get("beats_baseline"))
     description = (f"Sweep '{study}', {winner['label']} ({format_params(winner['params'])}): "
                    f"{confirmed.get('objective')} {mean_std(winner)} over fresh seeds. Confirm: {confirmed.get('verdict')}")

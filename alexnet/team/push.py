@@ -28,6 +28,7 @@ from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 
 from alexnet import UsageError
 from alexnet.tracking import store
+from alexnet.sweep import ledger
 from alexnet.sweep.study import rdb_storage
 from alexnet.team.backends import check_database
 from alexnet.home import default_tracking_uri, mlruns_dir, where
@@ -47,7 +48,8 @@ def selected_runs(src: mlflow.MlflowClient, experiment: str | None, study: str |
     wherever they are, an experiment's runs, or (neither named) every run."""
     if study:
         exps = [e.experiment_id for e in src.search_experiments()]
-        runs = src.search_runs(exps, f"tags.`sweep.study` = '{study}'", max_results=50000) if exps else []
+        runs = src.search_runs(exps, ledger.study_filter(study), max_results=50000) if exps else []
+        runs = [r for r in runs if r.data.tags.get("sweep.study") == study]  # the filter may match by LIKE
         if not runs:
             raise UsageError(f"push: no runs of study {study!r} in {redact(where(src.tracking_uri))}")
     else:
@@ -117,7 +119,7 @@ def push_runs(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, runs: list, sa
         if name not in experiments:
             exp = dst.get_experiment_by_name(name)
             experiments[name] = exp.experiment_id if exp else dst.create_experiment(name)
-        there = dst.search_runs([experiments[name]], f"tags.`{PUSHED}` = '{old}'")
+        there = dst.search_runs([experiments[name]], ledger.tag_clause(PUSHED, old))
         if there:
             ids[old] = there[0].info.run_id
             continue
@@ -165,7 +167,11 @@ def push_study(name: str, from_storage: str, to_storage: str, ids: dict[str, str
     for key, value in src_storage.get_study_system_attrs(src_id).items():
         dst_storage.set_study_system_attr(dst_id, key, value)
     for key, value in source.user_attrs.items():
-        target.set_user_attr(key, ids.get(value, value) if key == "mlflow_parent_run_id" else value)
+        if key == "mlflow_parent_run_id":
+            value = ids.get(value, value)
+        elif key == ledger.SETTINGS:  # the team's copy lives in the team's storage: gc there opens that one
+            value = {**value, "storage": redact(to_storage)}
+        target.set_user_attr(key, value)
     there = {trial_key(t) for t in target.get_trials(deepcopy=False)}
     new = 0
     for trial in trials:

@@ -59,11 +59,10 @@ def sweep_view_key(study: str) -> str:
     return "sweep-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in study)
 
 
-def sweep_tags(study: str, space: list[str], objective: str, direction: str) -> dict[str, str]:
-    """The runs view of one study's trials: its searched params as columns, its objective as the sort."""
-    name = study.replace("\\", "\\\\").replace("'", "\\'")
-    state = view_state(space + [p for p in ("epochs", "train_limit") if p not in space], objective, direction,
-                       f"tags.`sweep.study` = '{name}' and tags.`sweep.role` = 'trial'")
+def sweep_tags(study: str, space: list[str], objective: str, direction: str, trials: str) -> dict[str, str]:
+    """The runs view of one study's trials (`trials`: their filter, `ledger.study_filter`): its searched
+    params as columns, its objective as the sort."""
+    state = view_state(space + [p for p in ("epochs", "train_limit") if p not in space], objective, direction, trials)
     return {VIEW_PREFIX + sweep_view_key(study): json.dumps(state)}
 
 
