@@ -49,7 +49,8 @@ class Member:
         self.error = None
         self.epochs = queue.Queue()
 
-    def _set(self, **what):
+    def mark(self, **what):
+        """Set these fields and wake whoever waits on them."""
         with self.cond:
             for k, v in what.items():
                 setattr(self, k, v)
@@ -64,7 +65,7 @@ class Member:
 
     def records(self, cfg, start=None, progress=False):
         """The trainer `tracked_train` iterates for this member: the pack's epochs, one by one."""
-        self._set(cfg=cfg, start=start, ready=True)
+        self.mark(cfg=cfg, start=start, ready=True)
         while True:
             item = self.epochs.get()
             if item is _END:
@@ -72,10 +73,10 @@ class Member:
             if isinstance(item, BaseException):
                 raise item
             yield item
-            self._set(ready=True)  # recorded: its checkpoint copied, its pruner asked
+            self.mark(ready=True)  # recorded: its checkpoint copied, its pruner asked
 
     def give(self, item) -> None:
-        self._set(ready=False)
+        self.mark(ready=False)
         self.epochs.put(item)
 
 
@@ -136,7 +137,7 @@ def _run(member: Member, run_trial, study, sweep, slot: int, parent: str) -> Non
     except BaseException as e:
         member.error = e
     finally:
-        member._set(gone=True)
+        member.mark(gone=True)
 
 
 def groups(members: list[Member]) -> list[list[Member]]:
