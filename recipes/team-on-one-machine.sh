@@ -184,7 +184,7 @@ alexnet server --database "$database" --artifacts "$tmp/artifacts" --host 127.0.
 server_pid=$!
 server_ready() {
   kill -0 "$server_pid" 2>/dev/null || { indent server.log >&2; echo "$me: alexnet server exited" >&2; exit 1; }
-  grep -q '^export ALEXNET_STORAGE=' server.log
+  grep -qs '^export ALEXNET_STORAGE=' server.log
 }
 wait_for 300 "alexnet server to answer" server_ready
 indent server.log
@@ -195,10 +195,10 @@ grep '^export ' server.log | sed 's/^/$ /'
 say "3. A tiny CPU sweep file: $tmp/team.toml"
 note "Real Fashion-MNIST, $images images at resize 67, 2 epochs a trial, median pruning. At this size every" \
      "trial stays near chance (0.1): it shows the plumbing, not a result. heartbeat_seconds and" \
-     "grace_seconds are short so that a dead worker's trial is retried within seconds (defaults: 10 and 60)."
+     "grace_seconds are short so that a dead worker's trial is retried within seconds (defaults: 10 and 60)." \
+     "No base experiment: trial 0 is the chapter's lr 0.01 and dropout 0.5, the baseline."
 cat > team.toml <<EOF
 study = "team"
-base = "$repo/experiments/smoke.toml"   # lr 0.1, batch 64, resize 67: trial 0, the baseline
 n_trials = $n1
 pruner = "median"
 pruner_startup_trials = 2
@@ -208,12 +208,15 @@ heartbeat_seconds = 2
 grace_seconds = 10
 
 [set]
+resize = 67
+batch_size = 64
+epochs = 2
 train_limit = $images
 val_size = $held
 test_limit = $held
 
 [space]
-lr = { low = 0.03, high = 0.3, log = true }
+lr = { low = 0.01, high = 0.3, log = true }
 dropout = { low = 0.0, high = 0.7 }
 EOF
 show cat team.toml
@@ -251,9 +254,9 @@ indent worker-1.log
 note "The same command again, in the foreground this time. The dead trial keeps its RUNNING state until its" \
      "heartbeat is grace_seconds old; then a worker fails it and retries it with the same params."
 show alexnet sweep team.toml
-note "Worker 2 ends once the study has its $n1 trials (worker-2.log):"
+note "Worker 2 ends once the study has its $n1 trials (worker-2.log, its trial lines and summary):"
 wait "${launchers[1]}" || true
-indent worker-2.log
+grep -E "^(trial |sweep 'team': [0-9]+ trials|alexnet sweep: )" worker-2.log | indent
 
 say "6. Ray on loopback: more trials of the same study"
 cat <<'EOF'
@@ -284,8 +287,26 @@ note "Stopping this head only (SIGTERM to the processes under $tmp/ray, then SIG
 terminate 30 $(ray_head_pids)
 note "done; no Ray process of this walkthrough is left."
 
-say "7. The study on the servers: the leaderboard"
-show alexnet runs --sweep team
+say "7. The study as Optuna holds it in PostgreSQL"
+note "Read with Optuna's own API (optuna.load_study): the count is exact, and the trial that died is FAIL," \
+     "retried once with its params; nothing is left RUNNING or WAITING."
+python - <<'PY'
+import os
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+trials = optuna.load_study(study_name="team", storage=os.environ["ALEXNET_STORAGE"]).get_trials(deepcopy=False)
+n = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+print(f"study 'team': {n['COMPLETE'] + n['PRUNED']} trials finished ({n['COMPLETE']} COMPLETE, {n['PRUNED']} PRUNED); "
+      f"{n['FAIL']} FAIL, {n['RUNNING']} RUNNING, {n['WAITING']} WAITING")
+for t in trials:
+    if t.state.name == "FAIL":
+        for r in (r for r in trials if Retry.retried_trial_number(r) == t.number):
+            same = "the same params" if r.params == t.params else f"other params ({r.params} vs {t.params})"
+            print(f"trial {t.number} FAIL ({t.user_attrs.get('fail_reason') or 'its heartbeat stopped'}): retried as trial {r.number}, "
+                  f"{r.state.name}, with {same}")
+PY
 
 say "8. Local work to the team: alexnet push"
 note "A sweep run on a laptop's own stores (its project folder $tmp/laptop: SQLite, no server) ..."
