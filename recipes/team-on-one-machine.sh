@@ -292,9 +292,12 @@ note "Read with Optuna's own API (optuna.load_study): the count is exact, and th
      "retried once with its params; nothing is left RUNNING or WAITING."
 python - <<'PY'
 import os
+import warnings
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # retried_trial_number: public, marked experimental
 
 trials = optuna.load_study(study_name="team", storage=os.environ["ALEXNET_STORAGE"]).get_trials(deepcopy=False)
 n = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
