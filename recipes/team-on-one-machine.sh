@@ -39,6 +39,9 @@ say() { printf '\n== %s\n' "$*"; }                   # a step
 note() { printf '   %s\n' "$@"; }                      # what it does
 show() { printf '$ %s\n' "$*"; "$@"; }                 # a command, then what it prints
 indent() { sed 's/^/   | /' "$@"; }                   # a log file or a background command's output
+# The script's own few lines of Python ignore Ctrl-C (the script's trap handles it), so that an
+# interrupt shows no traceback of theirs.
+py() { ( trap '' INT; exec python "$@" ); }
 
 wait_for() {  # SECONDS WHAT COMMAND...: poll COMMAND until it succeeds; fail after SECONDS
   local limit=$1 what=$2 start=$SECONDS
@@ -119,7 +122,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 free_ports() {  # three free TCP ports on loopback
-  python - <<'PY'
+  py - <<'PY'
 import socket
 socks = [socket.socket() for _ in range(3)]
 for s in socks:
@@ -129,7 +132,7 @@ PY
 }
 
 trial_of() {  # PID: the trial a sweep worker process is training, once its MLflow run is RUNNING on the server
-  python - "$1" <<'PY'
+  py - "$1" <<'PY'
 import json, os, sys, urllib.request
 base = os.environ["MLFLOW_TRACKING_URI"]
 def call(path, body=None):
@@ -290,7 +293,7 @@ note "done; no Ray process of this walkthrough is left."
 say "7. The study as Optuna holds it in PostgreSQL"
 note "Read with Optuna's own API (optuna.load_study): the count is exact, and the trial that died is FAIL," \
      "retried once with its params; nothing is left RUNNING or WAITING."
-python - <<'PY'
+py - <<'PY'
 import os
 import warnings
 
