@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import RunTag
 
 from alexnet.tracking import disk
 from alexnet.redact import redact
@@ -77,11 +78,12 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     if best:
         b = best[0]
         client.log_metric(parent, "sweep/best_value", objective_value(b), step=len(done))
-        client.set_tag(parent, "best.trial", str(b.number))
-        client.set_tag(parent, "best.run_id", b.user_attrs.get("mlflow_run_id", ""))
-        client.set_tag(parent, "best.value", f"{objective_value(b):.6g}")
-        for k, v in b.params.items():
-            client.set_tag(parent, f"best.{k}", str(v))
+        # In one batch: launchers that end together write these tags at the same moment, and MLflow's SQL
+        # store retries a batch whose insert collides, where a single set_tag fails (duplicate key).
+        client.log_batch(parent, tags=[RunTag("best.trial", str(b.number)),
+                                       RunTag("best.run_id", b.user_attrs.get("mlflow_run_id", "")),
+                                       RunTag("best.value", f"{objective_value(b):.6g}"),
+                                       *(RunTag(f"best.{k}", str(v)) for k, v in b.params.items())])
         client.log_dict(parent, {"trial": b.number, "value": objective_value(b), "objective": sweep.objective,
                                  "params": b.params, "mlflow_run_id": b.user_attrs.get("mlflow_run_id")},
                         "best_params.json")
@@ -104,7 +106,7 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
             client.log_artifacts(parent, str(folder), "plots")
     used = disk_usage(sweep)
     client.log_metric(parent, "sweep/disk_bytes", used, step=len(done))
-    client.set_tag(parent, NOTE, parent_note(sweep, len(done), counts, best, saved, front))
+    client.log_batch(parent, tags=[RunTag(NOTE, parent_note(sweep, len(done), counts, best, saved, front))])
     disk.measure(parent)
     retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if "retry_history" in t.system_attrs}
     server_failed = [(t.number, server_failure(t), retried_as.get(t.number)) for t in trials if failed_on_server(t)]
