@@ -70,14 +70,17 @@ def test_the_reference_pages_follow_the_code(monkeypatch):
 
 def command_lines(page_text: str) -> list[str]:
     """Every `alexnet ...` command line a page shows: in code blocks (a `$ ` prompt, `VAR=value` prefixes
-    and `\\` continuations allowed) and in inline code. Output lines (`alexnet: store ...`,
+    and `\\` continuations allowed; in a transcript, only its `$ ` lines) and in inline code. Output lines (`alexnet: store ...`,
     `alexnet train: error: ...`) are not commands."""
     found = []
     for lang, body in FENCE.findall(page_text):
-        if lang in ("python", "toml", "yaml"):
+        if lang in ("python", "toml", "yaml", "text"):  # `text`: output, shown as a program printed it
             continue
         body = re.sub(r"\\\n\s*", " ", body)
+        prompted = re.search(r"^\s*\$\s", body, re.M)  # a transcript: only its `$ ` lines are commands
         for line in body.splitlines():
+            if prompted and not re.match(r"^\s*\$\s", line):
+                continue
             line = re.sub(r"^\s*\$\s+", "", line).strip()
             line = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)+", "", line)
             if line.startswith("alexnet "):
