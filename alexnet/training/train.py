@@ -276,7 +276,7 @@ def _warmup(forward, model, inputs, device, amp_dtype) -> float:
             # graphs are compiled under no_grad too, or the first evaluation would compile them again.
             with torch.set_grad_enabled(training), \
                     torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = compiled(x)
+                out = forward(x)
             if training:
                 out.float().sum().backward()
         model.zero_grad(set_to_none=True)
