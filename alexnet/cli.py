@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="sweep TOML file (sweeps/*.toml: base experiment, [space], trials, sampler, pruner)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
+    p.add_argument("--set-sweep", dest="sweep_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the sweep file's own keys (listed below: grace_seconds, keep_top, n_trials, "
+                        "pruner, ...); repeatable (e.g. --set-sweep grace_seconds=20 --set-sweep keep_top=1)")
     p.add_argument("--n-trials", type=integer(0), metavar="N", help="trials to finish in all (overrides the file)")
     add_storage_arg(p)
     p.add_argument("--workers", type=integer(1), default=1, metavar="N", help="worker processes (one GPU each, or a share of the CPU cores)")

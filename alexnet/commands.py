@@ -149,7 +149,8 @@ def cmd_sweep(args) -> int:
     """An Optuna study; every trial a child MLflow run under one parent run (alexnet/sweep/)."""
     from alexnet.sweep.spec import load_sweep
 
-    sweep = load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage)  # before torch or MLflow
+    sweep = load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage,
+                       sweep_sets=args.sweep_sets)  # before torch or MLflow
     if not args.ray and (args.gpus_per_worker is not None or args.cpus_per_worker is not None):
         raise UsageError("--gpus-per-worker and --cpus-per-worker ask Ray for resources: add --ray ADDRESS")
     if args.dry_run:
