@@ -140,7 +140,7 @@ def cmd_demo(args) -> int:
     print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of lr, dropout and resize", file=sys.stderr)
     result = launcher.run_sweep(sweep, 1, quiet=args.quiet)
     print(report.summary_text(sweep, result))
-    print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
+    print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10), {"sweep": sweep.study}))
     print("compare every run, metric and checkpoint in the MLflow UI:  .venv/bin/alexnet ui")
     return result["status"]
 
@@ -181,7 +181,7 @@ def cmd_sweep(args) -> int:
                                 warm_start=args.warm_start, enqueue_runs=args.enqueue)
     print(report.summary_text(sweep, result))
     if not args.quiet:
-        print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
+        print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10), {"sweep": sweep.study}))
     if result["status"] == 130:
         print("alexnet sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return result["status"]

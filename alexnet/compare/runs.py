@@ -241,9 +241,12 @@ def megabytes(nbytes) -> str:
     return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.1f} MB"
 
 
-def format_table(board) -> str:
+def format_table(board, selection: dict | None = None) -> str:
     """The leaderboard as aligned text, for people: the data size, pipeline and seed only where the
-    rows differ, the trial only where there are trials, then the disk they use in all."""
+    rows differ, the trial only where there are trials, then the disk they use in all. An empty board
+    is one line saying why (`selection`: the leaderboard's arguments), never pandas' own text."""
+    if board.empty:
+        return empty_words(board, selection or {})
     def duration(s):
         if s != s:
             return "-"
@@ -308,6 +311,8 @@ def empty_words(board, selection: dict) -> str:
         return (f"no runs in {where_} yet" +
                 ("" if selection.get("sweep") or selection.get("parent") else
                  ": train one with `alexnet train experiments/smoke.toml`"))
+    if selection.get("sweep") and not selection.get("role") and not selection.get("status"):
+        return f"no trial runs in {where_} yet (no trial started a run)"
     role = selection.get("role") or ("trial" if selection.get("sweep") else None)
     filters = " and ".join(x for x in [f"--role {role}" if role else "", f"--status {selection['status'].upper()}"
                                        if selection.get("status") else ""] if x)

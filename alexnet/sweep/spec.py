@@ -197,6 +197,13 @@ LOCKABLE = ("sqlite", "postgresql", "mysql")
 
 def check_storage(url: str) -> str:
     scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in ("http", "https"):
+        raise UsageError(f"sweep: storage {redact(url)} is a web address, not a database URL: the tracking server "
+                         f"goes to --tracking-uri; --storage is Optuna's database, e.g. "
+                         f"postgresql+psycopg://USER@HOST:PORT/DB or sqlite:////ABS/PATH/optuna.db")
+    if "://" not in url:
+        raise UsageError(f"sweep: storage {redact(url)} is not a database URL (DIALECT+DRIVER://USER@HOST:PORT/DB): "
+                         f"use e.g. postgresql+psycopg://USER@HOST:PORT/DB or sqlite:////ABS/PATH/optuna.db")
     if scheme not in LOCKABLE:
         raise UsageError(f"sweep: storage {redact(url)}: the sweep locks its study across workers to keep the trial "
                          f"count exact, which only {', '.join(LOCKABLE)} storages allow: use e.g. "

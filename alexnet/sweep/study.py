@@ -32,6 +32,7 @@ from alexnet.redact import first_line, redact
 from alexnet.sweep.costs import non_dominated
 from alexnet.sweep.parent import end_trial_runs
 from alexnet.sweep.spec import Sweep, directions
+from alexnet.team.backends import database_trouble
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -58,9 +59,8 @@ def open_storage(sweep: Sweep) -> RDBStorage:
     try:
         return RDBStorage(sweep.storage, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_seconds,
                           grace_period=sweep.grace_seconds, heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:
-        raise UsageError(f"sweep: cannot open the Optuna storage {redact(sweep.storage)} ({first_line(e)}): "
-                         f"use an RDB URL such as sqlite:////ABS/PATH/optuna.db or postgresql+psycopg://...") from None
+    except Exception as e:  # a refused login, a missing database, a server down, a bad URL: each its own hint
+        raise UsageError(f"sweep: the Optuna storage: {database_trouble(sweep.storage, e)}") from None
 
 
 def make_sampler(sweep: Sweep, seed: int):
@@ -110,7 +110,7 @@ def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.
     try:
         names = optuna.study.get_all_study_names(storage)
     except Exception as e:
-        raise UsageError(f"{what}: cannot open the Optuna storage {redact(storage)} ({first_line(e)})") from None
+        raise UsageError(f"{what}: the Optuna storage: {database_trouble(storage, e)}") from None
     if name not in names:
         raise UsageError(f"{what}: no study {name!r} in {redact(storage)} (studies: {', '.join(names) or 'none'}): "
                          f"run `alexnet sweep FILE` first")
