@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent run")
     p.add_argument("--role", choices=["run", "trial", "parent", "confirm"], help="only runs of this role: run "
                    "(alexnet train), trial (a sweep's), parent (a sweep's study), confirm (alexnet confirm's)")
-    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED"],
+    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED", "RETRIED"],
                    help="only runs in this state (STALE: RUNNING, but its process is gone; PRUNED: a trial the "
-                   "sweep's pruner stopped)")
+                   "sweep's pruner stopped; RETRIED: a trial whose worker died, run again as a new trial)")
     p.add_argument("--sort", metavar="COLUMN", help="column to sort by, as the header names it (default: val_best, the "
                    "best validation accuracy, where runs have a validation split, else best_acc; numbers best first, "
                    "duration and disk smallest first, names A-Z)")

@@ -52,7 +52,7 @@ ASCENDING = ("duration_s", "disk_bytes")  # sorted smallest first; the other num
 DATA_SIZE = {"train": 60000, "test": 10000}  # a limit of 0 means the whole split
 WHERE_DIFFERENT = ["train", "test", "val", "pipeline", "seed"]  # shown only where the runs differ
 ROLES = ("run", "trial", "parent", "confirm")
-STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED")
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED", "RETRIED")
 
 
 def _quoted(value: str, what: str) -> str:
@@ -109,7 +109,7 @@ def top_trials(study: str, experiment_id: str, objective: str, direction: str, t
 PARAM_KEYS = [c.removeprefix("params.") for c in COLUMNS.values() if c.startswith("params.")]
 METRIC_KEYS = [c.removeprefix("metrics.") for c in COLUMNS.values() if c.startswith("metrics.")]
 TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "sweep.state", "sweep.pruned_epoch",
-            "disk_bytes", "experiment_file", "mlflow.parentRunId", "host", "pid", "process_start", "heartbeat"]
+            "sweep.retry_of", "disk_bytes", "experiment_file", "mlflow.parentRunId", "host", "pid", "process_start", "heartbeat"]
 
 
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
@@ -174,7 +174,7 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
                 status: str | None = None, role: str | None = None, sort: str | None = None,
                 reverse: bool = False, limit: int | None = None):
     """One row per run: name, role, status (STALE for a RUNNING run whose process is gone, PRUNED for a
-    pruned trial), lr, dropout, resize, epochs, data sizes, pipeline, seed, best and final test accuracy,
+    pruned trial, RETRIED for a trial its study ran again after its worker died), lr, dropout, resize, epochs, data sizes, pipeline, seed, best and final test accuracy,
     examples/s (the book's count, last epoch), trial, duration, disk use, run id; best first (`sort`: by
     val_best where any run has it, else best_acc). A sweep's board holds its trials unless `role` says
     otherwise. `board.attrs["selected"]`: rows before the status/role/limit filters."""
@@ -203,6 +203,11 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     board.loc[board["stale"] != "", "status"] = "STALE"
     board["pruned_epoch"] = [t.get("sweep.pruned_epoch") if t.get("sweep.state") == "PRUNED" else None for t in tags]
     board.loc[board["pruned_epoch"].notna(), "status"] = "PRUNED"
+    # A trial whose worker died (or was interrupted) and that its study ran again as a new trial: the sweep
+    # counts the retry, not this run, so it is no failure of its own.
+    retried = {(t.get("sweep.study"), t["sweep.retry_of"]) for t in tags if t.get("sweep.retry_of")}
+    board.loc[[t.get("sweep.role") == "trial" and (t.get("sweep.study"), t.get("sweep.trial")) in retried
+               for t in tags], "status"] = "RETRIED"
     board["disk_bytes"] = [t.get("disk_bytes") for t in tags]
     board["run_id"] = raw["run_id"]
     board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags)]

@@ -37,7 +37,7 @@ from alexnet.tracking import store
 from alexnet.team.backends import check_database, lost_connection
 from alexnet.home import artifacts_dir, is_local_default, sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
-from alexnet.sweep.parent import existing_parent
+from alexnet.sweep.parent import dead_trial_lines, existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
 from alexnet.sweep import local_workers
@@ -191,6 +191,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
         f"{', resuming' if done or running else ''}; {placed}; "
         f"storage {redact(where(sweep.storage))}; parent run {parent}")
+    for line in dead_trial_lines(running, sweep.grace_seconds, sweep.heartbeat_seconds):
+        say(line)
 
     deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
     stop_heartbeat = store.start_heartbeat(parent, also=lambda tags: study.set_user_attr(launcher_key(), tags))

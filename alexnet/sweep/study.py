@@ -181,13 +181,18 @@ def feasible(t) -> bool:
     return all(v <= 0 for v in t.constraints.values())
 
 
+def retried(trials: list) -> set[int]:
+    """The numbers of the trials queued again with the same params (their worker died, or was interrupted)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def tally(study, trials: list | None = None):
     """(finished, running, waiting) trials this study trained: seeded trials are not counted (`n_trials`
     counts trials to train), and a trial failed because its worker died and queued again does not count:
     its retry does."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    done = [t for t in trials if t.state.is_finished() and t.number not in retried and not seeded(t)]
+    again = retried(trials)
+    done = [t for t in trials if t.state.is_finished() and t.number not in again and not seeded(t)]
     return (done, [t for t in trials if t.state == TrialState.RUNNING],
             [t for t in trials if t.state == TrialState.WAITING])
 
