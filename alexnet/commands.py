@@ -137,7 +137,7 @@ def cmd_demo(args) -> int:
     if status != 0:
         return status
     sweep = spec.load_sweep(root / "sweeps" / "demo.toml")
-    print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of lr, dropout and resize", file=sys.stderr)
+    print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of {spec.describe_space(sweep.space)}", file=sys.stderr)
     result = launcher.run_sweep(sweep, 1, quiet=args.quiet)
     print(report.summary_text(sweep, result))
     print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10), {"sweep": sweep.study}))
