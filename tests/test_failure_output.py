@@ -79,6 +79,12 @@ def test_a_refused_password_says_where_the_password_comes_from(tmp_path, postgre
     only_the_sweep_file(tmp_path)
 
 
+def test_the_team_server_says_its_login_was_refused(tmp_path, postgres):
+    url, _ = postgres
+    result = alexnet(tmp_path, "server", "--database", url, "--artifacts", tmp_path / "artifacts", "--host", "127.0.0.1")
+    refused(result, "server: --database: the database server refused the login of user 'alexnet'", "PGPASSWORD")
+
+
 def test_an_unknown_database_is_named(tmp_path, postgres):
     url, password = postgres
     (tmp_path / "s.toml").write_text(SWEEP)

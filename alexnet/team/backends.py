@@ -54,15 +54,15 @@ def database_trouble(url: str, error: BaseException) -> str:
         user = host = port = name = None
     text = str(getattr(error, "orig", None) or error)
     said = redact(text.split(" failed: ")[-1].splitlines()[0].replace("FATAL:  ", "").strip())
-    if any(w in text for w in ("no password supplied", "password authentication failed", "Access denied for user")):
+    kind = trouble_kind(error)
+    if kind == "login":
         return (f"the database server refused the login of user {user!r} to {shown} ({said}): give the role's "
                 f"password in PGPASSWORD, or a line HOST:PORT:DATABASE:USER:PASSWORD in ~/.pgpass (mode 600), where "
-                f"this command and every worker run ({PASSWORD_HINT})")
-    if "does not exist" in text and "database" in text or "Unknown database" in text:
+                f"this command and every worker run; never in the URL on a command line")
+    if kind == "database":
         return (f"the database server has no database {name!r} ({said}): create it (`alexnet server` creates "
                 f"alexnet_mlflow and alexnet_optuna), or fix the database name in {shown}")
-    if any(w in text for w in ("Connection refused", "failed to resolve host", "could not translate host",
-                               "timeout expired", "No route to host", "Can't connect to MySQL")):
+    if kind == "down":
         return (f"cannot reach the database {shown}: nothing answers at {host}:{port or 'the default port'} ({said}): "
                 f"start the database server, or fix the host and port")
     return f"cannot reach the database {shown} ({first_line(error)}): start it or fix the URL ({PASSWORD_HINT})"
@@ -82,4 +82,18 @@ def lost_connection(error: BaseException | None) -> str | None:
                 (isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated):
             return "the database"
         error = error.__cause__ or error.__context__
+    return None
+
+
+def trouble_kind(error: BaseException) -> str | None:
+    """'login' (the server refused the user or its password), 'database' (no such database), 'down' (nothing
+    answers at that address), or None, from the driver's own words."""
+    text = str(getattr(error, "orig", None) or error)
+    if any(w in text for w in ("no password supplied", "password authentication failed", "Access denied for user")):
+        return "login"
+    if "does not exist" in text and "database" in text or "Unknown database" in text:
+        return "database"
+    if any(w in text for w in ("Connection refused", "failed to resolve host", "could not translate host",
+                               "timeout expired", "No route to host", "Can't connect to MySQL")):
+        return "down"
     return None
