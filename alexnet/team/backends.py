@@ -65,6 +65,9 @@ def database_trouble(url: str, error: BaseException) -> str:
     if kind == "down":
         return (f"cannot reach the database {shown}: nothing answers at {host}:{port or 'the default port'} ({said}): "
                 f"start the database server, or fix the host and port")
+    if str(url).startswith("sqlite"):
+        return (f"cannot open the SQLite database {shown} ({first_line(error)}): its folder must exist and be "
+                f"writable; name it by an absolute path, sqlite:////ABS/PATH/optuna.db")
     return f"cannot reach the database {shown} ({first_line(error)}): start it or fix the URL ({PASSWORD_HINT})"
 
 
