@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="sweep TOML file (sweeps/*.toml: base experiment, [space], trials, sampler, pruner)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="fix one config field for every trial (a searched field leaves the space); repeatable")
+    p.add_argument("--set-sweep", dest="sweep_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the sweep file's own keys (listed below: grace_seconds, keep_top, n_trials, "
+                        "pruner, ...); repeatable (e.g. --set-sweep grace_seconds=20 --set-sweep keep_top=1)")
     p.add_argument("--n-trials", type=integer(0), metavar="N", help="trials to finish in all (overrides the file)")
     p.add_argument("--pack", type=integer(1), metavar="K", help="train K trials at once as one trial pack on each "
                    "worker's device (overrides the file's pack)")
@@ -162,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this parent run")
     p.add_argument("--role", choices=["run", "trial", "parent", "confirm"], help="only runs of this role: run "
                    "(alexnet train), trial (a sweep's), parent (a sweep's study), confirm (alexnet confirm's)")
-    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED"],
+    p.add_argument("--status", type=str.upper, choices=["RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED", "RETRIED"],
                    help="only runs in this state (STALE: RUNNING, but its process is gone; PRUNED: a trial the "
-                   "sweep's pruner stopped)")
+                   "sweep's pruner stopped; RETRIED: a trial whose worker died, run again as a new trial)")
     p.add_argument("--sort", metavar="COLUMN", help="column to sort by, as the header names it (default: val_best, the "
                    "best validation accuracy, where runs have a validation split, else best_acc; numbers best first, "
                    "duration and disk smallest first, names A-Z)")

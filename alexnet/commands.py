@@ -137,10 +137,10 @@ def cmd_demo(args) -> int:
     if status != 0:
         return status
     sweep = spec.load_sweep(root / "sweeps" / "demo.toml")
-    print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of lr, dropout and resize", file=sys.stderr)
+    print(f"demo 2/2: sweeps/demo.toml: {sweep.n_trials} trials of {spec.describe_space(sweep.space)}", file=sys.stderr)
     result = launcher.run_sweep(sweep, 1, quiet=args.quiet)
     print(report.summary_text(sweep, result))
-    print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
+    print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10), {"sweep": sweep.study}))
     print("compare every run, metric and checkpoint in the MLflow UI:  .venv/bin/alexnet ui")
     return result["status"]
 
@@ -150,7 +150,7 @@ def cmd_sweep(args) -> int:
     from alexnet.sweep.spec import load_sweep
 
     sweep = load_sweep(args.file, args.sets, n_trials=args.n_trials, storage=args.storage,
-                       pack=args.pack)  # before torch or MLflow
+                       pack=args.pack, sweep_sets=args.sweep_sets)  # before torch or MLflow
     if not args.ray and (args.gpus_per_worker is not None or args.cpus_per_worker is not None):
         raise UsageError("--gpus-per-worker and --cpus-per-worker ask Ray for resources: add --ray ADDRESS")
     if args.dry_run:
@@ -181,7 +181,7 @@ def cmd_sweep(args) -> int:
                                 warm_start=args.warm_start, enqueue_runs=args.enqueue)
     print(report.summary_text(sweep, result))
     if not args.quiet:
-        print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10)))
+        print(runs.format_table(runs.leaderboard(sweep=sweep.study, limit=10), {"sweep": sweep.study}))
     if result["status"] == 130:
         print("alexnet sweep: interrupted; run the same command again to resume", file=sys.stderr)
     return result["status"]

@@ -25,7 +25,8 @@ from alexnet.training import sizes
 from alexnet.team.cleanup import trial_items
 from alexnet.sweep import costs
 from alexnet.sweep.spec import load_sweep
-from alexnet.sweep.study import pareto_front, ranked, seeded, tally
+from alexnet.sweep.study import ranked, tally
+from alexnet.sweep.ledger import pareto_front, seeded
 from conftest import ROOT
 
 PRICED = """

@@ -22,7 +22,8 @@ from optuna.trial import TrialState, create_trial
 
 from alexnet import cli
 from alexnet.sweep.spec import load_sweep
-from alexnet.sweep.study import distributions, feasible, ranked
+from alexnet.sweep.study import distributions, ranked
+from alexnet.sweep.ledger import feasible
 from conftest import ROOT
 
 WARM = """

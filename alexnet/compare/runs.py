@@ -53,7 +53,7 @@ ASCENDING = ("duration_s", "disk_bytes")  # sorted smallest first; the other num
 DATA_SIZE = {"train": 60000, "test": 10000}  # a limit of 0 means the whole split
 WHERE_DIFFERENT = ["train", "test", "val", "pipeline", "seed"]  # shown only where the runs differ
 ROLES = ("run", "trial", "parent", "confirm")
-STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED")
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "STALE", "PRUNED", "RETRIED")
 
 
 def no_experiment(name: str, known) -> str:
@@ -66,7 +66,7 @@ def no_experiment(name: str, known) -> str:
 PARAM_KEYS = [c.removeprefix("params.") for c in COLUMNS.values() if c.startswith("params.")]
 METRIC_KEYS = [c.removeprefix("metrics.") for c in COLUMNS.values() if c.startswith("metrics.")]
 TAG_KEYS = ["sweep.role", "sweep.trial", "sweep.study", "sweep.confirm_of", "sweep.state", "sweep.pruned_epoch",
-            "disk_bytes", "experiment_file", "mlflow.parentRunId", *store.PROCESS_TAGS]
+            "sweep.retry_of", "disk_bytes", "experiment_file", "mlflow.parentRunId", *store.PROCESS_TAGS]
 
 
 def search(experiment: str | None = None, sweep: str | None = None, parent: str | None = None):
@@ -134,7 +134,7 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
                 status: str | None = None, role: str | None = None, sort: str | None = None,
                 reverse: bool = False, limit: int | None = None):
     """One row per run: name, role, status (STALE for a RUNNING run whose process is gone, PRUNED for a
-    pruned trial), lr, dropout, resize, epochs, data sizes, pipeline, seed, best and final test accuracy,
+    pruned trial, RETRIED for a trial its study ran again after its worker died), lr, dropout, resize, epochs, data sizes, pipeline, seed, best and final test accuracy,
     examples/s (the book's count, last epoch), trial, duration, disk use, run id; best first (`sort`: by
     val_best where any run has it, else best_acc). A sweep's board holds its trials unless `role` says
     otherwise. `board.attrs["selected"]`: rows before the status/role/limit filters."""
@@ -163,6 +163,11 @@ def leaderboard(experiment: str | None = None, sweep: str | None = None, parent:
     board.loc[board["stale"] != "", "status"] = "STALE"
     board["pruned_epoch"] = [t.get("sweep.pruned_epoch") if t.get("sweep.state") == "PRUNED" else None for t in tags]
     board.loc[board["pruned_epoch"].notna(), "status"] = "PRUNED"
+    # A trial whose worker died (or was interrupted) and that its study ran again as a new trial: the sweep
+    # counts the retry, not this run, so it is no failure of its own.
+    retried = {(t.get("sweep.study"), t["sweep.retry_of"]) for t in tags if t.get("sweep.retry_of")}
+    board.loc[[t.get("sweep.role") == "trial" and (t.get("sweep.study"), t.get("sweep.trial")) in retried
+               for t in tags], "status"] = "RETRIED"
     board["disk_bytes"] = [t.get("disk_bytes") for t in tags]
     board["run_id"] = raw["run_id"]
     board["resume"] = [resume_command(run_id, t) for run_id, t in zip(raw["run_id"], tags)]
@@ -201,9 +206,12 @@ def megabytes(nbytes) -> str:
     return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.1f} MB"
 
 
-def format_table(board) -> str:
+def format_table(board, selection: dict | None = None) -> str:
     """The leaderboard as aligned text, for people: the data size, pipeline and seed only where the
-    rows differ, the trial only where there are trials, then the disk they use in all."""
+    rows differ, the trial only where there are trials, then the disk they use in all. An empty board
+    is one line saying why (`selection`: the leaderboard's arguments), never pandas' own text."""
+    if board.empty:
+        return empty_words(board, selection or {})
     def duration(s):
         if s != s:
             return "-"
@@ -268,6 +276,8 @@ def empty_words(board, selection: dict) -> str:
         return (f"no runs in {where_} yet" +
                 ("" if selection.get("sweep") or selection.get("parent") else
                  ": train one with `alexnet train experiments/smoke.toml`"))
+    if selection.get("sweep") and not selection.get("role") and not selection.get("status"):
+        return f"no trial runs in {where_} yet (no trial started a run)"
     role = selection.get("role") or ("trial" if selection.get("sweep") else None)
     filters = " and ".join(x for x in [f"--role {role}" if role else "", f"--status {selection['status'].upper()}"
                                        if selection.get("status") else ""] if x)

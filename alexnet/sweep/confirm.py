@@ -50,7 +50,8 @@ from alexnet.tracking import disk, store
 from alexnet.training.config import Config
 from alexnet.sweep.ledger import confirm_runs, study_settings
 from alexnet.sweep.spec import format_params
-from alexnet.sweep.study import load_study, objective_value, ranked
+from alexnet.sweep.study import load_study, ranked
+from alexnet.sweep.ledger import objective_value
 from alexnet.tracking.lifecycle import tracked_train
 from alexnet.training.train import Diverged
 from alexnet.tracking.views import NOTE

@@ -21,6 +21,8 @@ import optuna.visualization as interactive
 import optuna.visualization.matplotlib as static
 
 from alexnet.sweep.spec import COSTS
+from alexnet.sweep.study import retried, tally
+from alexnet.sweep.ledger import seeded
 
 HTML = "sweep.html"  # the interactive page, beside the PNGs in the parent run's plots/
 
@@ -40,6 +42,17 @@ def plot_calls(study, objective: str, cost: str) -> list:
         calls.append(("intermediate_values", "Intermediate values (per epoch)",
                       lambda v: v.plot_intermediate_values(study)))
     return calls
+
+
+def trial_count(study) -> str:
+    """"9 trials (1 retried)": the trials as the sweep's summary counts them (a trial whose worker died is
+    not counted, its retry is), with the retried and the seeded ones named apart."""
+    trials = study.get_trials(deepcopy=False)
+    done, running, waiting = tally(study, trials)
+    extra = [f"{n} {what}" for n, what in ((len(running), "running"), (len(waiting), "queued"),
+                                           (len(retried(trials)), "retried"),
+                                           (sum(map(seeded, trials)), "seeded from another study")) if n]
+    return f"{len(done)} trial{'s' if len(done) != 1 else ''}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def quietly(make):
@@ -89,6 +102,6 @@ def save_html(study, path: Path, objective: str, cost: str = "") -> list[str]:
         name = html.escape(study.study_name)
         head = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Sweep {name}</title>"
                 f"<style>body {{ font-family: sans-serif; margin: 1em 2em; }} h2 {{ font-size: 1.1em; }}</style>"
-                f"</head><body>\n<h1>Sweep '{name}': {len(study.trials)} trials</h1>\n")
+                f"</head><body>\n<h1>Sweep '{name}': {html.escape(trial_count(study))}</h1>\n")
         path.write_text(head + "\n".join(parts) + "\n</body></html>\n")
     return titles

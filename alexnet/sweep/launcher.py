@@ -37,13 +37,13 @@ from alexnet.team.backends import check_database, lost_connection
 from alexnet.home import artifacts_dir, is_local_default, sqlite_path, tracking_uri, where
 from alexnet.redact import first_line, redact
 from alexnet.sweep.ledger import made_by_sweep, settings_dict, study_settings, write_settings
-from alexnet.sweep.parent import existing_parent
+from alexnet.sweep.parent import dead_trial_lines, existing_parent
 from alexnet.sweep.report import parent_note, summarize, trial_line
 from alexnet.sweep.retention import retain
 from alexnet.sweep import local_workers
 from alexnet.sweep.spec import COSTS, Sweep, base_params, describe_space
-from alexnet.sweep.study import (FINISHED_STATES, objective_value, open_study, ranked, requeue_server_failures, seeded,
-                                 study_lock, tally)
+from alexnet.sweep.study import open_study, ranked, requeue_server_failures, study_lock, tally
+from alexnet.sweep.ledger import FINISHED_STATES, objective_value, seeded
 from alexnet.sweep.warm import WarmStart, enqueue, enqueued, seed
 from alexnet.sweep.warm import plan as warm_plan
 from alexnet.tracking.views import NOTE
@@ -190,6 +190,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, quiet: bool = False, command: str 
     say(f"sweep {sweep.study!r}: {len(done)} of {sweep.n_trials or 'unlimited'} trials done"
         f"{', resuming' if done or running else ''}; {placed}; "
         f"storage {redact(where(sweep.storage))}; parent run {parent}")
+    for line in dead_trial_lines(running, sweep.grace_seconds, sweep.heartbeat_seconds):
+        say(line)
 
     deadline = time.time() + sweep.timeout_minutes * 60 if sweep.timeout_minutes else 0.0
     stop_heartbeat = store.start_heartbeat(parent, also=lambda tags: study.set_user_attr(launcher_key(), tags))

@@ -19,8 +19,8 @@ from alexnet.sweep.pareto import FILE as PARETO_FILE, front_table
 from alexnet.sweep.retention import disk_usage
 from alexnet.sweep.spec import COSTS, Sweep, describe_space, format_params
 from alexnet.tracking.views import NOTE
-from alexnet.sweep.study import (FINISHED_STATES, failed_on_server, feasible, objective_value, pareto_front, ranked,
-                                 seeded, tally)
+from alexnet.sweep.study import failed_on_server, ranked, retried, tally
+from alexnet.sweep.ledger import FINISHED_STATES, feasible, objective_value, pareto_front, seeded
 
 SERVER_ERRORS = {"the tracking server": "a tracking-server error", "the database": "a database error"}
 
@@ -112,7 +112,7 @@ def summarize(study, sweep: Sweep, parent: str) -> dict:
     server_failed = [(t.number, server_failure(t), retried_as.get(t.number)) for t in trials if failed_on_server(t)]
     return {"done": done, "running": running, "waiting": waiting, "counts": counts, "best": best,
             "server_failed": server_failed, "plots": plots, "disk": used, "epochs_saved": saved, "front": front,
-            "seeded": sum(map(seeded, trials)), "warm_start": study.user_attrs.get("warm_start"),
+            "seeded": sum(map(seeded, trials)), "retried": len(retried(trials)), "warm_start": study.user_attrs.get("warm_start"),
             "infeasible": sum(not feasible(t) for t in done)}
 
 
@@ -136,7 +136,10 @@ def parent_note(sweep: Sweep, finished: int, counts: dict, best: list, saved: in
 def summary_text(sweep: Sweep, s: dict) -> str:
     """The closing lines: counts, the best trial, disk, and what to type next."""
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
+    again = s.get("retried", 0)  # not counted: their retries are
     lines = [f"sweep {sweep.study!r}: {len(s['done'])} trials finished ({counts})"
+             + (f"; {again} retried: {'its' if again == 1 else 'their'} worker stopped, the retr"
+                f"{'y is' if again == 1 else 'ies are'} counted" if again else "")
              + (f", {len(s['running'])} still running" if s["running"] else "")
              + (f", {len(s['waiting'])} queued" if s["waiting"] else "")]
     for number, why, retry in s.get("server_failed", []):  # not the params' fault: retried with the same ones

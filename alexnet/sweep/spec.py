@@ -76,15 +76,17 @@ SWEEP_VAL_SIZE = 5000  # the validation split a sweep holds out unless its base 
 
 
 def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = None,
-               storage: str | None = None, pack: int | None = None) -> Sweep:
+               storage: str | None = None, pack: int | None = None, sweep_sets: list[str] = ()) -> Sweep:
     """Read and check a sweep file; `--set` fixes config fields for every trial (a searched field
-    that is `--set` leaves the search space)."""
+    that is `--set` leaves the search space); `--set-sweep` replaces the file's own keys, checked as
+    the file's are."""
     path = Path(path)
     where = f"sweep {path}"
     table = read_toml(path)
     unknown = sorted(set(table) - FILE_KEYS - {"space", "set"})
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FILE_KEYS))}, [space], [set])")
+    table.update(parse_sweep_sets(sweep_sets))
     space, fixed = table.pop("space", {}), table.pop("set", {})
     if not isinstance(space, dict) or not isinstance(fixed, dict):
         raise UsageError(f"{where}: space and set must be tables ([space] / [set])")
@@ -164,6 +166,27 @@ def load_sweep(path: str | Path, sets: list[str] = (), n_trials: int | None = No
                                source=str(path), storage=check_storage(storage or default_storage()))
 
 
+def parse_sweep_sets(items: list[str]) -> dict:
+    """`["grace_seconds=20", "keep_top=1"]` -> `{"grace_seconds": 20, "keep_top": 1}`: keys of the sweep file
+    (not [space] or [set]: those are config fields, which --set fixes), values in the key's type."""
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+    out = {}
+    for item in items:
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise UsageError(f"sweep: --set-sweep wants KEY=VALUE, got {item!r}")
+        if key not in FILE_KEYS:
+            hint = " (a config field: use --set)" if key in FIELDS else ""
+            raise UsageError(f"sweep: --set-sweep: unknown key {key!r}{hint} (known: {', '.join(sorted(FILE_KEYS))})")
+        kind = Sweep.__dataclass_fields__[key].type
+        try:
+            out[key] = {"int": int, "float": float, "str": str,
+                        "bool": lambda t: {"true": True, "false": False}[t.lower()]}[kind](text)
+        except (ValueError, KeyError):
+            raise UsageError(f"sweep: --set-sweep: {key} must be {words[kind]}, got {text!r}") from None
+    return out
+
+
 def check_objective(where: str, objective: str, config: Config) -> None:
     """A sweep selects on validation, or on anything but the test set: a winner picked by its test
     accuracy is optimistically biased, the more so the more trials there are."""
@@ -182,6 +205,13 @@ LOCKABLE = ("sqlite", "postgresql", "mysql")
 
 def check_storage(url: str) -> str:
     scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in ("http", "https"):
+        raise UsageError(f"sweep: storage {redact(url)} is a web address, not a database URL: the tracking server "
+                         f"goes to --tracking-uri; --storage is Optuna's database, e.g. "
+                         f"postgresql+psycopg://USER@HOST:PORT/DB or sqlite:////ABS/PATH/optuna.db")
+    if "://" not in url:
+        raise UsageError(f"sweep: storage {redact(url)} is not a database URL (DIALECT+DRIVER://USER@HOST:PORT/DB): "
+                         f"use e.g. postgresql+psycopg://USER@HOST:PORT/DB or sqlite:////ABS/PATH/optuna.db")
     if scheme not in LOCKABLE:
         raise UsageError(f"sweep: storage {redact(url)}: the sweep locks its study across workers to keep the trial "
                          f"count exact, which only {', '.join(LOCKABLE)} storages allow: use e.g. "

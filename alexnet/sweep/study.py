@@ -28,10 +28,10 @@ from alexnet import UsageError
 from alexnet.training.config import FIELDS
 from alexnet.home import SQLITE_TIMEOUT_S, default_storage, mlruns_dir, sqlite_path
 from alexnet.redact import first_line, redact
-from alexnet.sweep.ledger import (FINISHED_STATES, complete, feasible, objective_value, pareto_front,  # noqa: F401
-                                  made_by_sweep, rank, seeded, study_settings)
+from alexnet.sweep.ledger import made_by_sweep, rank, seeded, study_settings
 from alexnet.sweep.parent import end_trial_runs
 from alexnet.sweep.spec import Sweep, directions
+from alexnet.team.backends import database_trouble
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
 
@@ -63,9 +63,8 @@ def open_storage(sweep: Sweep) -> RDBStorage:
     try:
         return rdb_storage(sweep.storage, heartbeat_interval=sweep.heartbeat_seconds,
                            grace_period=sweep.grace_seconds, heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:
-        raise UsageError(f"sweep: cannot open the Optuna storage {redact(sweep.storage)} ({first_line(e)}): "
-                         f"use an RDB URL such as sqlite:////ABS/PATH/optuna.db or postgresql+psycopg://...") from None
+    except Exception as e:  # a refused login, a missing database, a server down, a bad URL: each its own hint
+        raise UsageError(f"sweep: the Optuna storage: {database_trouble(sweep.storage, e)}") from None
 
 
 def make_sampler(sweep: Sweep, seed: int):
@@ -126,7 +125,7 @@ def load_study(name: str, storage: str | None, what: str = "confirm") -> optuna.
         storage = rdb_storage(storage)
         names = optuna.study.get_all_study_names(storage)
     except Exception as e:
-        raise UsageError(f"{what}: cannot open the Optuna storage {redact(url)} ({first_line(e)})") from None
+        raise UsageError(f"{what}: the Optuna storage: {database_trouble(url, e)}") from None
     if name not in names:
         raise UsageError(f"{what}: no study {name!r} in {redact(url)} (studies: {', '.join(names) or 'none'}): "
                          f"run `alexnet sweep FILE` first")
@@ -180,13 +179,18 @@ def study_lock(sweep: Sweep):
 
 # --- Counting -----------------------------------------------------------------------------------------
 
+def retried(trials: list) -> set[int]:
+    """The numbers of the trials queued again with the same params (their worker died, or was interrupted)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def tally(study, trials: list | None = None):
     """(finished, running, waiting) trials this study trained: seeded trials are not counted (`n_trials`
     counts trials to train), and a trial failed because its worker died or a server refused its call, and
     queued again, does not count: its retry does."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    done = [t for t in trials if t.state.is_finished() and t.number not in retried and not seeded(t)]
+    again = retried(trials)
+    done = [t for t in trials if t.state.is_finished() and t.number not in again and not seeded(t)]
     return (done, [t for t in trials if t.state == TrialState.RUNNING],
             [t for t in trials if t.state == TrialState.WAITING])
 

@@ -40,7 +40,8 @@ from alexnet.redact import redact
 from alexnet.sweep import costs
 from alexnet.sweep.spec import Sweep, base_params, describe_space
 from alexnet.sweep.ledger import made_by_sweep, study_settings
-from alexnet.sweep.study import distributions, load_study, objective_value, seeded
+from alexnet.sweep.study import distributions, load_study
+from alexnet.sweep.ledger import objective_value, seeded
 
 IGNORED = {"device", "data_dir", "num_workers", "run_name", "experiment"}  # where a trial ran, not what it trained
 

@@ -35,11 +35,44 @@ def check_database(url: str, what: str) -> None:
     try:
         with engine(url).connect():
             pass
-    except ImportError as e:
-        raise UsageError(f"{what}: {redact(url)} needs its database driver ({first_line(e)}): {DRIVER_HINT}") from None
     except Exception as e:
-        raise UsageError(f"{what}: cannot reach the database {redact(url)} ({first_line(e)}): start it or fix the "
-                         f"URL ({PASSWORD_HINT})") from None
+        raise UsageError(f"{what}: {database_trouble(url, e)}") from None
+
+
+NOT_A_URL_HINT = "use an RDB URL such as postgresql+psycopg://USER@HOST:PORT/DB or sqlite:////ABS/PATH/optuna.db"
+
+
+def database_trouble(url: str, error: BaseException) -> str:
+    """Why a database did not open, in one line, with what to do about it: its driver is missing, the URL
+    is no database URL, the server refused the login, it has no such database, or nothing answers there.
+    PostgreSQL's and MySQL's own words tell them apart (the drivers raise one OperationalError for all)."""
+    shown = redact(str(url))
+    if isinstance(error, ImportError):
+        return f"{shown} needs its database driver ({first_line(error)}): {DRIVER_HINT}"
+    if isinstance(error, sqlalchemy.exc.ArgumentError):  # unparsable, or a scheme no dialect has
+        return f"{shown} is not a database URL ({first_line(error)}): {NOT_A_URL_HINT}"
+    try:
+        parts = make_url(url)
+        user, host, port, name = parts.username, parts.host, parts.port, parts.database
+    except Exception:
+        user = host = port = name = None
+    text = str(getattr(error, "orig", None) or error)
+    said = redact(text.split(" failed: ")[-1].splitlines()[0].replace("FATAL:  ", "").strip())
+    kind = trouble_kind(error)
+    if kind == "login":
+        return (f"the database server refused the login of user {user!r} to {shown} ({said}): give the role's "
+                f"password in PGPASSWORD, or a line HOST:PORT:DATABASE:USER:PASSWORD in ~/.pgpass (mode 600), where "
+                f"this command and every worker run; never in the URL on a command line")
+    if kind == "database":
+        return (f"the database server has no database {name!r} ({said}): create it (`alexnet server` creates "
+                f"alexnet_mlflow and alexnet_optuna), or fix the database name in {shown}")
+    if kind == "down":
+        return (f"cannot reach the database {shown}: nothing answers at {host}:{port or 'the default port'} ({said}): "
+                f"start the database server, or fix the host and port")
+    if str(url).startswith("sqlite"):
+        return (f"cannot open the SQLite database {shown} ({first_line(error)}): its folder must exist and be "
+                f"writable; name it by an absolute path, sqlite:////ABS/PATH/optuna.db")
+    return f"cannot reach the database {shown} ({first_line(error)}): start it or fix the URL ({PASSWORD_HINT})"
 
 
 def lost_connection(error: BaseException | None) -> str | None:
@@ -73,4 +106,18 @@ def server_rejected(error: BaseException | None) -> str | None:
         if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
             return "the database"
         error = error.__cause__ or error.__context__
+    return None
+
+
+def trouble_kind(error: BaseException) -> str | None:
+    """'login' (the server refused the user or its password), 'database' (no such database), 'down' (nothing
+    answers at that address), or None, from the driver's own words."""
+    text = str(getattr(error, "orig", None) or error)
+    if any(w in text for w in ("no password supplied", "password authentication failed", "Access denied for user")):
+        return "login"
+    if "does not exist" in text and "database" in text or "Unknown database" in text:
+        return "database"
+    if any(w in text for w in ("Connection refused", "failed to resolve host", "could not translate host",
+                               "timeout expired", "No route to host", "Can't connect to MySQL")):
+        return "down"
     return None

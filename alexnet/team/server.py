@@ -28,7 +28,7 @@ from sqlalchemy.engine import URL, make_url
 from alexnet import UsageError
 from alexnet.compare import ui
 from alexnet.sweep.study import rdb_storage
-from alexnet.team.backends import DRIVER_HINT, PASSWORD_HINT, engine
+from alexnet.team.backends import DRIVER_HINT, PASSWORD_HINT, database_trouble, engine, trouble_kind
 from alexnet.redact import first_line, redact
 
 MLFLOW_DB, OPTUNA_DB = "alexnet_mlflow", "alexnet_optuna"
@@ -78,6 +78,8 @@ def create_databases(url: URL, names: list[str]) -> list[str]:
     except ImportError as e:
         raise UsageError(f"server: {first_line(e)}: {DRIVER_HINT}") from None
     except Exception as e:
+        if trouble_kind(e) in ("login", "down"):  # not about creating databases: say what is wrong, and its fix
+            raise UsageError(f"server: --database: {database_trouble(url.set(password=None).render_as_string(), e)}") from None
         raise UsageError(f"server: cannot create the databases {', '.join(names)} on {redact(url.render_as_string())} "
                          f"({first_line(e)}): check the server, the user and its CREATEDB right, or create them "
                          f"yourself ({PASSWORD_HINT})") from None
