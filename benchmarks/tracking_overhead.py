@@ -61,11 +61,11 @@ def run_plain(cfg):
 def run_tracked(cfg, skip=()):
     """`tracked_train(cfg)`; `skip` names checkpoint steps the background writer leaves out this once:
     "write" (serializing, hashing, writing the files) and "host" (the copy to the host)."""
-    from alexnet.tracking import checkpoint, lifecycle
+    from alexnet.tracking import checkpoint, lifecycle, run_files
 
-    saved = checkpoint.publish, checkpoint.to_host
+    saved = run_files.publish, checkpoint.to_host
     if "write" in skip:
-        checkpoint.publish = lambda state, name, run_id, artifact_uri: 0
+        run_files.publish = lambda state, name, run_id, artifact_uri: 0
     if "host" in skip:
         checkpoint.to_host = lambda tree, ready=None: tree
     try:
@@ -73,7 +73,7 @@ def run_tracked(cfg, skip=()):
         run = lifecycle.tracked_train(cfg, progress=False)
         return time.perf_counter() - t0, run.records
     finally:
-        checkpoint.publish, checkpoint.to_host = saved
+        run_files.publish, checkpoint.to_host = saved
 
 
 # The steps of a tracked run, timed where they run (--steps): (what, module, attribute).
@@ -89,8 +89,8 @@ STEPS = [
     ("system metrics (start)", "alexnet.compat", "SystemMetrics.start"),
     ("system metrics (stop)", "alexnet.compat", "SystemMetrics.finish"),
     ("checkpoint snapshot", "alexnet.tracking.checkpoint", "Writer.submit"),
-    ("checkpoint write and checksum", "alexnet.tracking.checkpoint", "publish"),
-    ("best.pt from last.pt", "alexnet.tracking.checkpoint", "keep_last_as_best"),
+    ("checkpoint write and checksum", "alexnet.tracking.run_files", "publish"),
+    ("best.pt from last.pt", "alexnet.tracking.run_files", "keep_last_as_best"),
     ("learning curves", "alexnet.compare.plots", "log_curves"),
     ("the model: build, save, log", "alexnet.tracking.record", "log_model"),
     ("waiting for the checkpoint writer", "alexnet.tracking.checkpoint", "Writer.close"),

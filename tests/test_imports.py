@@ -45,6 +45,16 @@ def test_no_module_imports_one_that_imports_it_back():
     assert cycles == [], f"modules on an import cycle: {cycles}"
 
 
+
+def test_the_checkpoint_format_knows_nothing_of_runs():
+    """`tracking/checkpoint.py` is the file format and its writer; where a run's files live is
+    `tracking/run_files.py`'s, which calls it. A checkpoint that reached for the store or the disk
+    would send one trial's data back up the path it came down."""
+    graph = import_graph()
+    assert graph["alexnet.tracking.checkpoint"] <= {"alexnet", "alexnet.files"}  # alexnet: its UsageError
+    assert "alexnet.tracking.checkpoint" in graph["alexnet.tracking.run_files"]
+
+
 # A parent interpreter imports the third-party libraries once (none of the package), then forks one child
 # per module: each child imports its module with nothing of the package imported before it. Forking
 # spares the 2-3 s that a fresh interpreter spends importing torch and MLflow, 30 times over.

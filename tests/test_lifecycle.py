@@ -10,7 +10,7 @@ import threading
 import mlflow
 import pytest
 
-from alexnet.tracking import checkpoint, record, store, lifecycle
+from alexnet.tracking import record, run_files, store, lifecycle
 from alexnet.training.config import Config
 from alexnet.home import mlruns_dir
 
@@ -50,7 +50,7 @@ CASES = {
     "start-tags": (None, {}, {"tags": {"bad key!": "x"}}, mlflow.exceptions.MlflowException, "FAILED", "MlflowException"),
     "heartbeat": (("store.start_heartbeat", RuntimeError(f"no heartbeat, token={SECRET}")), {}, {}, RuntimeError, "FAILED", "RuntimeError"),
     "params": (("MlflowClient.log_batch", None), {}, {}, mlflow.exceptions.MlflowException, "FAILED", "MlflowException"),
-    "first-checkpoint": (("checkpoint.publish", OSError(errno.EIO, f"I/O error at https://{SECRET}@bucket")), {}, {},
+    "first-checkpoint": (("run_files.publish", OSError(errno.EIO, f"I/O error at https://{SECRET}@bucket")), {}, {},
                          OSError, "FAILED", "OSError"),
     "model-logging": (("record.log_model", RuntimeError(f"export failed --password {SECRET}")), {}, {}, RuntimeError,
                       "FAILED", "RuntimeError"),
@@ -59,7 +59,7 @@ CASES = {
     "ctrl-c": (None, {}, {"on_epoch": interrupt}, KeyboardInterrupt, "KILLED", None),
     "diverged": (None, {"lr": 50.0, "train_limit": 128}, {}, lifecycle.Diverged, "FAILED", "diverged"),
 }
-TARGETS = {"store.start_heartbeat": (store, "start_heartbeat"), "checkpoint.publish": (checkpoint, "publish"),
+TARGETS = {"store.start_heartbeat": (store, "start_heartbeat"), "run_files.publish": (run_files, "publish"),
            "record.log_model": (record, "log_model"), "MlflowClient.log_batch": (mlflow.MlflowClient, "log_batch")}
 
 

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import torch
 
-from alexnet.tracking import checkout, checkpoint, record, store, lifecycle
+from alexnet.tracking import checkout, record, run_files, store, lifecycle
 from alexnet import cli
 from alexnet.training import datafiles
 from alexnet.training.config import Config, to_toml
@@ -71,7 +71,7 @@ def test_the_record_holds_code_versions_data_and_the_splits_as_dataset_inputs(tr
     # The best epoch (the logged model's; a finished run keeps it as its model, not as best.pt) is the
     # epoch validation chose.
     final = tracked.records[-1]
-    assert checkpoint.fetch(tracked.run_id, "last")["best_epoch"] == final.best_epoch
+    assert run_files.fetch(tracked.run_id, "last")["best_epoch"] == final.best_epoch
     assert final.best_val_acc == max(r.val_acc for r in tracked.records) == tracked.records[final.best_epoch - 1].val_acc
 
 

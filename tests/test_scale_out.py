@@ -254,7 +254,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
     assert not client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
 
     # Over HTTP: metrics, the kept trials' checkpoints and model; the others' deleted through the server.
-    from alexnet.tracking import checkpoint
+    from alexnet.tracking import run_files
     from alexnet.sweep.study import ranked
 
     kept = {t.number for t in ranked(study, "maximize")[:2]}
@@ -269,7 +269,7 @@ def test_three_workers_two_through_ray_share_one_study_through_the_servers(postg
                 [acc] = client.get_metric_history(run.info.run_id, "val/acc")  # the objective: val/best_acc
                 assert acc.step == 1 and acc.value == pytest.approx(t.value)
         best = children[min(kept)]
-        state = checkpoint.fetch_best(best.info.run_id)
+        state = run_files.fetch_best(best.info.run_id)
         assert state["epoch"] == 1 and "model" in state
         [model] = client.search_logged_models([best.info.experiment_id], f"source_run_id = '{best.info.run_id}'")
         import torch

@@ -15,7 +15,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from sqlalchemy.exc import OperationalError
 
 from alexnet import UsageError
-from alexnet.tracking import checkpoint, store
+from alexnet.tracking import run_files, store
 from alexnet.home import default_tracking_uri, mlruns_dir
 from alexnet.redact import redact
 from alexnet.sweep import parent
@@ -127,7 +127,7 @@ def test_a_parent_run_that_cannot_be_looked_up_is_an_error_not_a_missing_parent(
 
 
 def test_a_failure_in_the_writer_thread_says_what_failed(tmp_path):
-    writer = checkpoint.Writer("r", (tmp_path / "artifacts").as_uri())
+    writer = run_files.writer("r", (tmp_path / "artifacts").as_uri())
 
     def log():
         raise MlflowException("store unreachable")

@@ -67,7 +67,7 @@ def test_each_member_is_its_own_trial_and_run(packed):
 def test_a_members_checkpoint_is_its_own_slice_and_resumes_alone(packed, monkeypatch):
     """Trial 2 trained epoch 1 in a pack of two and epoch 2 alone: its last.pt is its own training state,
     in `train`'s format, and trains on from there alone."""
-    from alexnet.tracking.checkpoint import fetch
+    from alexnet.tracking.run_files import fetch
     from alexnet.training.config import Config
     from alexnet.training.train import train
 

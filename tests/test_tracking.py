@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alexnet import UsageError, cli
-from alexnet.tracking import checkpoint, disk, store, lifecycle
+from alexnet.tracking import checkpoint, disk, run_files, store, lifecycle
 from alexnet.training import data
 from alexnet.compare import runs
 from alexnet.home import tracking_uri
@@ -90,7 +90,7 @@ def test_run_records_params_metrics_tags_config_and_curves(tracked, private_tmp)
 def test_checkpoints_and_model_read_back(tracked, private_tmp):
     cfg, run = tracked
     client = mlflow.MlflowClient()
-    last = checkpoint.fetch(run.run_id, "last")
+    last = run_files.fetch(run.run_id, "last")
     final = run.records[-1]
     assert last["epoch"] == 2 and last["config"] == asdict(cfg) and last["best_epoch"] == final.best_epoch
     assert set(last) >= {"model", "optimizer", "epoch", "rng", "best_test_acc", "best_epoch", "config"}
@@ -395,7 +395,7 @@ def test_resume_refuses_unknown_runs_and_runs_without_checkpoints(home, capsys):
 def test_writer_raises_a_failed_write(tmp_path):
     blocker = tmp_path / "artifacts"
     blocker.write_text("a file where the run's artifact folder should be")
-    writer = checkpoint.Writer("r", blocker.as_uri())
+    writer = run_files.writer("r", blocker.as_uri())
     writer.submit({"w": torch.zeros(3)}, best=True)
     with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
@@ -469,7 +469,7 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     import threading
 
     events, gate = [], threading.Event()
-    publish = checkpoint.publish
+    publish = run_files.publish
 
     def slow_publish(state, name, run_id, artifact_uri):
         gate.wait(30)  # the first write blocks until the test has queued epochs 2 and 3 behind it
@@ -477,9 +477,9 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
         events.append(("published", int(state["epoch"])))
         return nbytes
 
-    monkeypatch.setattr(checkpoint, "publish", slow_publish)
+    monkeypatch.setattr(run_files, "publish", slow_publish)
     folder = tmp_path / "artifacts"
-    writer = checkpoint.Writer("r", folder.as_uri())
+    writer = run_files.writer("r", folder.as_uri())
     for epoch in (1, 2, 3):
         writer.submit({"epoch": torch.tensor(epoch)}, best=True, then=lambda e=epoch: events.append(("logged", e)))
         if epoch == 1:
@@ -495,7 +495,7 @@ def test_writer_runs_callbacks_only_after_their_checkpoint_is_published(tmp_path
     blocker.write_text("a file where the run's artifact folder should be")
     gate.set()
     events.clear()
-    writer = checkpoint.Writer("r", blocker.as_uri())
+    writer = run_files.writer("r", blocker.as_uri())
     writer.submit({"epoch": torch.tensor(1)}, best=True, then=lambda: events.append(("logged", 1)))
     with pytest.raises(OSError, match="writing checkpoints/last.pt failed"):
         writer.close()
@@ -511,7 +511,7 @@ def test_best_pt_exists_only_while_the_best_state_is_not_last_pt(tmp_path, monke
     folder = tmp_path / "artifacts"
     ckpts = folder / "checkpoints"
     sizes = []
-    writer = checkpoint.Writer("r", folder.as_uri(), on_written=sizes.append)
+    writer = run_files.writer("r", folder.as_uri(), on_written=sizes.append)
 
     def step(epoch, best):
         done = threading.Event()
@@ -530,8 +530,8 @@ def test_best_pt_exists_only_while_the_best_state_is_not_last_pt(tmp_path, monke
 
     # Epoch 5 (worse) is being written slowly; epoch 6 (a new best) waits behind it, and epoch 7 (worse)
     # replaces it before it is written: epoch 6 still becomes best.pt.
-    gate, publish = threading.Event(), checkpoint.publish
-    monkeypatch.setattr(checkpoint, "publish", lambda *a: gate.wait(30) and publish(*a))
+    gate, publish = threading.Event(), run_files.publish
+    monkeypatch.setattr(run_files, "publish", lambda *a: gate.wait(30) and publish(*a))
     writer.submit({"epoch": torch.tensor(5), "w": torch.zeros(3)}, best=False)
     time.sleep(0.2)  # the thread takes epoch 5 and waits at the gate
     writer.submit({"epoch": torch.tensor(6), "w": torch.zeros(3)}, best=True)

@@ -29,7 +29,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from alexnet import UsageError, compat, home
-from alexnet.tracking import checkpoint, disk, record, store
+from alexnet.tracking import disk, record, run_files, store
 from alexnet.sweep import ledger
 from alexnet.training.config import Config
 from alexnet.home import tracking_uri, where
@@ -87,7 +87,7 @@ def logged_model(run, keep_top: int, quiet: bool):
     if run.data.tags.get("checkpoints") == "deleted":
         raise UsageError(f"promote: {what} has no model or checkpoint left: the sweep's retention deleted them (it "
                          f"keeps the top {keep_top} trials'); train that config again, or sweep with a larger keep_top")
-    state = checkpoint.fetch_best(run.info.run_id)
+    state = run_files.fetch_best(run.info.run_id)
     if state is None:
         raise UsageError(f"promote: {what} has no model and no checkpoint to log one from")
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.toml")

@@ -1,6 +1,7 @@
-"""Checkpoints: the training state (model, optimizer, epoch, RNG, config) as run artifacts
-`checkpoints/last.pt` and `checkpoints/best.pt`, written without stalling training and read back
-without trusting them.
+"""Checkpoints: the training state (model, optimizer, epoch, RNG, config) as files, written without
+stalling training and read back without trusting them. This module knows the format and how a file is
+written; where a run's files live (its artifacts `checkpoints/last.pt` and `checkpoints/best.pt`, on
+the local store or a server) is `alexnet/tracking/run_files.py`'s, which hands the writer its folder.
 
 File format: one header line `ALEXNET-CHECKPOINT 1 sha256=<64 hex>\n`, then the bytes `torch.save`
 wrote. The checksum covers those bytes and lives in the same file, so a kill at any moment leaves
@@ -20,19 +21,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import resource
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
-import mlflow
 import torch
 
 from alexnet import UsageError, files
-from alexnet.tracking.disk import listed, remove
-from alexnet.tracking.store import CHECKPOINTS as FOLDER, local_artifact_dir
 
 MAGIC = b"ALEXNET-CHECKPOINT 1 sha256="
 HEADER_BYTES = len(MAGIC) + 64 + 1  # magic, hex digest, newline
@@ -156,76 +152,11 @@ def load(path: str | Path, what: str = "") -> dict:
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
-# --- Publishing into a run's artifacts -------------------------------------------------------------
-
-def publish(state: dict, name: str, run_id: str, artifact_uri: str) -> int:
-    """Write `state` as `checkpoints/<name>.pt`: saved in place (atomically) on the local store, uploaded
-    from a temp folder elsewhere. Returns the file's bytes."""
-    folder = local_artifact_dir(artifact_uri)
-    if folder is not None:
-        path = folder / FOLDER / f"{name}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save(state, path)
-        return path.stat().st_size
-    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        path = Path(tmp) / f"{name}.pt"
-        save(state, path)
-        mlflow.MlflowClient().log_artifact(run_id, str(path), FOLDER)
-        return path.stat().st_size
-
-
-def keep_last_as_best(run_id: str, artifact_uri: str) -> int:
-    """Make the published `last.pt` the run's `best.pt` too, just before a newer, worse state replaces
-    `last.pt`. On the local store a hard link (no copy, no room needed; `os.replace` of the next `last.pt`
-    leaves it whole); elsewhere a download and an upload. Returns `best.pt`'s bytes (0: no `last.pt`)."""
-    folder = local_artifact_dir(artifact_uri)
-    if folder is not None:
-        last, best = folder / FOLDER / "last.pt", folder / FOLDER / "best.pt"
-        if not last.is_file():
-            return 0
-        with files.replacing(best) as tmp:
-            try:
-                os.link(last, tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(last, tmp)
-        return best.stat().st_size
-    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        if "last.pt" not in listed(run_id):
-            return 0
-        path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/last.pt", dst_path=tmp))
-        best = path.with_name("best.pt")
-        path.rename(best)
-        mlflow.MlflowClient().log_artifact(run_id, str(best), FOLDER)
-        return best.stat().st_size
-
-
-def fetch(run_id: str, name: str) -> dict | None:
-    """Load the run's `checkpoints/<name>.pt` (checksum checked), or None if it has none. For the best
-    state use `fetch_best`: `best.pt` exists only while it differs from `last.pt`."""
-    client = mlflow.MlflowClient()
-    what = f"{FOLDER}/{name}.pt of run {run_id}"
-    folder = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
-    if folder is not None:  # the local store: read it in place, no copy
-        path = folder / FOLDER / f"{name}.pt"
-        return load(path, what) if path.is_file() else None
-    if f"{name}.pt" not in listed(run_id):
-        return None
-    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/{name}.pt", dst_path=tmp)
-        return load(path, what)
-
-
-def fetch_best(run_id: str, last: dict | None = None) -> dict | None:
-    """The run's best training state: `last.pt` when its best epoch is its last epoch, else `best.pt`
-    (None if there is neither). `last`: the run's `last.pt`, already loaded."""
-    last = last if last is not None else fetch(run_id, "last")
-    if last is not None and last["best_epoch"] == last["epoch"]:
-        return last
-    return fetch(run_id, "best")
-
-
 class Writer:
-    """One background thread that publishes checkpoints while training goes on.
+    """One background thread that publishes checkpoints while training goes on, into `folder`: what
+    `run_files.RunCheckpoints` is for a run, with `publish(state, name)` (returns the file's bytes),
+    `keep_last_as_best()` (makes the published `last.pt` `best.pt` too; returns its bytes), `remove(name)`
+    and `path(name)` (the file's name in messages).
 
     `submit(state, best, then)` snapshots the state at once and returns that snapshot; the thread
     writes it later as `last.pt`, then calls `then()` (tracking logs the epoch's metrics there, so a
@@ -235,8 +166,8 @@ class Writer:
     No two identical weight files: `best.pt` exists only while the best state is not `last.pt`. When a
     worse state is about to replace a `last.pt` that holds the best one, that file becomes `best.pt`
     first (`keep_last_as_best`); when a new best is written as `last.pt`, `best.pt` goes. A kill at any
-    moment leaves a whole, resumable `last.pt` (and `fetch_best` reads the best from `last.pt` whenever its
-    best epoch is its epoch, whatever `best.pt` then holds).
+    moment leaves a whole, resumable `last.pt` (and `run_files.fetch_best` reads the best from `last.pt`
+    whenever its best epoch is its epoch, whatever `best.pt` then holds).
 
     If the thread is still busy, a newer state replaces the waiting one (only the newest `last` matters;
     a best state replaced so is written as `best.pt` directly; the callbacks of both still run, after it).
@@ -246,8 +177,8 @@ class Writer:
     or the callback's `what`, e.g. logging an epoch's metrics), so a full disk is never silent; callbacks
     behind a failed write do not run."""
 
-    def __init__(self, run_id: str, artifact_uri: str, last_is_best: bool = False, on_written=None):
-        self.run_id, self.artifact_uri, self.on_written = run_id, artifact_uri, on_written
+    def __init__(self, folder, last_is_best: bool = False, on_written=None):
+        self.folder, self.on_written = folder, on_written
         self.last_is_best = last_is_best    # the published last.pt holds the best state (a resume knows)
         self.pending_last = None            # (snapshot, ready event, best?) waiting to be written
         self.pending_best = None            # (snapshot, ready event): a best state a newer one replaced
@@ -256,9 +187,6 @@ class Writer:
         self.error: tuple[str, BaseException] | None = None  # (what was being done, its error)
         self.closing = False
         self.cond = threading.Condition()
-        folder = local_artifact_dir(artifact_uri)
-        for tmp in (folder / FOLDER).glob(".*.tmp") if folder else ():
-            tmp.unlink(missing_ok=True)  # left by a writer killed mid-write (one writer per run: resume checks)
         self.thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
         self.thread.start()
 
@@ -296,7 +224,8 @@ class Writer:
                     return
                 last, best, self.pending_last, self.pending_best = self.pending_last, self.pending_best, None, None
                 callbacks, self.callbacks = self.callbacks, []
-            if last is not None and not self._attempt(f"writing {FOLDER}/last.pt", lambda: self._write(last, best)):
+            what = f"writing {self.folder.path('last')}"
+            if last is not None and not self._attempt(what, lambda: self._write(last, best)):
                 return
             for fn in callbacks:
                 if not self._attempt(getattr(fn, "what", "a callback after a checkpoint"), fn):
@@ -305,14 +234,13 @@ class Writer:
     def _write(self, last, best) -> None:
         """Publish `last` as `last.pt`, keeping exactly one copy of the best state."""
         snap, ready, is_best = last
-        run = (self.run_id, self.artifact_uri)
         if best is not None:  # a best state that was never last.pt: its own file
-            self.sizes["best"] = publish(to_host(*best), "best", *run)
+            self.sizes["best"] = self.folder.publish(to_host(*best), "best")
         elif not is_best and self.last_is_best:  # last.pt holds the best: it stays, as best.pt
-            self.sizes["best"] = keep_last_as_best(*run)
-        self.sizes["last"] = publish(to_host(snap, ready), "last", *run)
+            self.sizes["best"] = self.folder.keep_last_as_best()
+        self.sizes["last"] = self.folder.publish(to_host(snap, ready), "last")
         if is_best:  # the new last.pt is the best: a best.pt would be an older, worse state
-            remove("best", *run)
+            self.folder.remove("best")
             self.sizes["best"] = 0
         self.last_is_best = is_best
         if self.on_written is not None:

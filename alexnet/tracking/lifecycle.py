@@ -5,8 +5,8 @@ code's uncommitted changes, the installed versions and the data as MLflow datase
 (`alexnet/tracking/record.py`: what `alexnet reproduce` re-creates it from); the resolved config as
 `config.toml`; per epoch, with `step=epoch`, the namespaced metrics of `EpochRecord.metrics()`; system
 metrics (CPU, memory, GPU where `nvidia-ml-py` finds one); the last and the best training state as
-`checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/tracking/checkpoint.py`: atomic, checksummed, written in
-the background; the best epoch is validation's choice where there is a validation split);
+`checkpoints/last.pt` and `checkpoints/best.pt` (`alexnet/tracking/run_files.py` and `checkpoint.py`: atomic,
+checksummed, written in the background; the best epoch is validation's choice where there is a validation split);
 `learning_curves.png`; and at the end the best epoch's model as an MLflow PyTorch model.
 
 The run's life is in this one file. `tracked_train` first checks what can be checked before a run exists
@@ -19,6 +19,16 @@ cannot leave a run active for the next one in the same process (a sweep worker r
 
 A run killed at any moment continues in the same MLflow run from its last checkpoint with
 `tracked_train(cfg, resume_run_id=...)` (`alexnet train --resume RUN_ID`).
+
+One trial's path, each step calling the next and nothing calling back up:
+    tracked_train -> preflight (device, data, store) -> create the run, log params/config/record
+      -> run_files.writer -> checkpoint.Writer (its thread; publishes through run_files.RunCheckpoints)
+      -> for each EpochRecord that train() yields: writer.submit(state, then=log the epoch's metrics)
+      -> record.log_model(best state) -> writer.close() -> end_run: set_terminated,
+         disk.drop_spare_best, disk.measure
+One resume: resume_config (the run's status, checkpoint and config.toml)
+      -> run_files.fetch("last"), run_files.fetch_best -> checkpoint.load (checksum checked)
+      -> the same path as above, `train(cfg, start=last)` going on from its epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from alexnet import UsageError, compat
-from alexnet.tracking import checkpoint, disk, record, store
+from alexnet.tracking import disk, record, run_files, store
 from alexnet.training import data
 from alexnet.compare import plots
 from alexnet.training.config import Config, to_toml
@@ -80,7 +90,7 @@ def end_status(error: BaseException | None) -> tuple[str, dict[str, str]]:
 class Helpers:
     """The threads a run starts; `stop` ends them (the writer first: it still logs metrics) and returns
     what failed to stop, as tags."""
-    writer: checkpoint.Writer | None = None
+    writer: object | None = None  # checkpoint.Writer, from run_files.writer
     system_metrics: object | None = None  # compat.SystemMetrics
     heartbeat: Callable[[], None] | None = None
 
@@ -206,8 +216,8 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
     if resume_run_id:
         if resume_config(resume_run_id) != cfg:
             raise UsageError(f"--resume: the config differs from run {resume_run_id}'s own: resume it with its config")
-        start = checkpoint.fetch(resume_run_id, "last")
-        best = checkpoint.fetch_best(resume_run_id, start)
+        start = run_files.fetch(resume_run_id, "last")
+        best = run_files.fetch_best(resume_run_id, start)
         best_model = best["model"] if best is not None else None
         old_tags = client.get_run(resume_run_id).data.tags
         note = old_tags.get(NOTE, record.description(cfg, source)).split("\n\n")[0]  # without how it ended before
@@ -240,8 +250,8 @@ def tracked_train(cfg: Config, *, source: str | None = None, parent_run_id: str 
                              synchronous=True)
             client.log_text(run_id, to_toml(cfg), "config.toml")
             record.log_record(run_id, origin)
-        helpers.writer = checkpoint.Writer(run_id, run.info.artifact_uri, on_written=disk_recorder(run_id),
-                                           last_is_best=start is not None and start["best_epoch"] == start["epoch"])
+        helpers.writer = run_files.writer(run_id, run.info.artifact_uri, on_written=disk_recorder(run_id),
+                                          last_is_best=start is not None and start["best_epoch"] == start["epoch"])
         helpers.writer.call_after(record.warm_up_model_logging)  # beside the first epoch (once a process)
 
         for rec in trainer(cfg, start=start, progress=progress):

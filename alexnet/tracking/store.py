@@ -37,7 +37,7 @@ from alexnet.home import artifacts_dir, is_local_default, mlruns_dir, tracking_u
 from alexnet.redact import first_line, redact
 
 DEFAULT_EXPERIMENT = "alexnet-fashion-mnist"
-CHECKPOINTS = "checkpoints"  # a run's artifact folder of checkpoints (alexnet/tracking/checkpoint.py writes it)
+CHECKPOINTS = "checkpoints"  # a run's artifact folder of checkpoints (alexnet/tracking/run_files.py writes it)
 HEARTBEAT_S = 60             # a running run refreshes its `heartbeat` tag this often
 STALE_AFTER_S = 5 * 60       # a run on another host with no heartbeat for this long is stale
 
