@@ -105,7 +105,7 @@ def time_leaderboard(home: Path, repeat: int, args: list[str]) -> list[dict]:
     """`alexnet runs ARGS` in a fresh process each time: its wall time, and inside it, the import of the
     command's modules and the query itself."""
     probe = ("import sys, time; t0 = time.perf_counter()\n"
-             "from alexnet import cli, runs, store\n"
+             "from alexnet import cli\nfrom alexnet.compare import runs\nfrom alexnet.tracking import store\n"
              "t1 = time.perf_counter(); store.set_up_store(open_store=False); board = runs.leaderboard()\n"
              "t2 = time.perf_counter(); print(len(board), t1 - t0, t2 - t1)\n")
     env = {**os.environ, "ALEXNET_HOME": str(home)}

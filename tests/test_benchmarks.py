@@ -137,6 +137,7 @@ def test_bad_options_are_one_line_and_exit_2_without_a_record(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # about 45 s each on 2 cores: opt-in (scripts/test -m slow), as the benchmarks are
 def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     """benchmarks/tracking_overhead.py --breakdown runs plain, tracked, no-write and metrics-only: the
     same training in each (tracking never touches the math), checkpoints only where they are meant to
@@ -192,6 +193,7 @@ def test_tracking_overhead_breaks_the_cost_down_by_step(tmp_path):
     shutil.rmtree(Path(store).parent)
 
 
+@pytest.mark.slow  # about 45 s each on 2 cores: opt-in (scripts/test -m slow), as the benchmarks are
 def test_sweep_overhead_compares_a_sweep_with_the_same_trainings_plain(tmp_path):
     """benchmarks/sweep_overhead.py on the CPU, tiny: two trials through `alexnet sweep`, the same two
     trainings plain, a tracked `alexnet train`; every figure in its record, the temporary store gone."""

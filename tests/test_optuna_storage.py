@@ -64,4 +64,4 @@ def test_push_study_waits_for_a_busy_sqlite_storage(tmp_path):
                                                         lines.append))
     assert waited >= HOLD_S - 0.5
     copied = optuna.load_study(study_name=name, storage=f"sqlite:///{target}")
-    assert len(copied.trials) == 1 and any("1 trials" in line for line in lines)
+    assert len(copied.trials) == 1 and any("1 new trial " in line for line in lines), lines

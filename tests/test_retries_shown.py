@@ -73,8 +73,8 @@ def test_a_rerun_says_it_waits_for_a_dead_workers_trial(home):
     now = time.time()
 
     def trial(number, pid, started, beat):
-        run = client.create_run(exp, tags={"host": platform.node(), "pid": str(pid), "process_start": f"{started:.3f}",
-                                           "heartbeat": str(int(beat))})
+        run = client.create_run(exp, tags={"host": platform.node(), "pid": str(pid), "pid_namespace": store.pid_namespace(),
+                                           "process_start": f"{started:.3f}", "heartbeat": str(int(beat))})
         return SimpleNamespace(number=number, user_attrs={"mlflow_run_id": run.info.run_id})
 
     alive = trial(1, psutil.Process().pid, psutil.Process().create_time(), now)

@@ -51,6 +51,7 @@ def log_at_once(uri: str, run_id: str, barrier, results) -> None:
     """A worker: the record of a run (its dataset inputs as a trial's), logged through the run's own code
     path; its first `log_inputs` waits at the barrier."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)  # over any store an earlier test in this process set
     log_inputs, calls = mlflow.MlflowClient.log_inputs, []
 
     def together(self, *args, **kwargs):

@@ -68,14 +68,14 @@ def test_compiled_training_compiles_only_before_the_clock_starts(monkeypatch):
 
     torch._dynamo.reset()
     after_warmup = {}
-    warmup = train_module._compile_warmup
+    warmup = train_module._warmup
 
     def counting_warmup(*args):
         seconds = warmup(*args)
         after_warmup["graphs"] = counters["stats"]["unique_graphs"]
         return seconds
 
-    monkeypatch.setattr(train_module, "_compile_warmup", counting_warmup)
+    monkeypatch.setattr(train_module, "_warmup", counting_warmup)
     # Whole batches only (a short last batch would add a graph each, and only time).
     cfg = load_config(None, ["resize=67", "train_limit=80", "test_limit=50", "batch_size=40", "eval_batch_size=50",
                              "epochs=2", "compile=true"])

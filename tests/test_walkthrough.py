@@ -105,7 +105,7 @@ def test_the_team_walkthrough_runs_end_to_end_and_leaves_nothing_behind(tmp_path
     assert re.findall(r"^sweep 'team': (\d+) trials finished", out, re.M)[-1] == "5"
 
     # Push: the laptop's runs listed from the tracking server, under new run ids.
-    assert f"push: done: 2 runs on {server}" in out
+    assert f"push: done: copied 2 new runs (0 already there), 1 new trial to {server}" in out, out[-6000:]
     local = re.search(r"^laptop-trial-0 trial FINISHED .* (\w{32})$", out.split("$ alexnet push")[0], re.M)[1]
     listed = out.split("$ alexnet runs --sweep laptop\n")[1]
     assert listed.startswith(f"alexnet: store {server},")
