@@ -5,6 +5,7 @@ pack; a member's checkpoint is its own slice, and trains on alone."""
 import math
 from dataclasses import replace
 
+import mlflow
 import optuna
 import pytest
 
@@ -74,7 +75,12 @@ def test_a_members_checkpoint_is_its_own_slice_and_resumes_alone(packed, monkeyp
     client = packed["client"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     run = sweep_runs(client, "packed")["trial"][2]
-    state = fetch(run.info.run_id, "last")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # over any store an earlier test in this process set
+    try:
+        state = fetch(run.info.run_id, "last")
+    finally:
+        mlflow.set_tracking_uri(previous)
     cfg = Config(**state["config"])
     assert state["epoch"] == 2 and state["config"]["lr"] == 0.05 and state["config"]["dropout"] == 0.3
     assert state["model"]["0.weight"].shape == (96, 1, 11, 11)  # one member's weights, not the stack
